@@ -1,0 +1,35 @@
+# The two commands of the README. Each creates .venv on first use and installs into it;
+# torch==2.13.0 is named so pip takes the local CPU build instead of a multi-GB CUDA one.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.leantorch-installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[cli,hf,plot,bench,dev]"
+	touch $(STAMP)
+
+## demo: the main job: profile the embedded pretrained MiniLM sentence encoder
+demo: $(STAMP)
+	$(VENV)/bin/leantorch profile minilm --seq-len 128 --batch 8 --depth 4
+
+## test: the test suite (what CI runs)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/measure_overhead.py
+	$(PY) benchmarks/flop_counters.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

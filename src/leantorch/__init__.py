@@ -1,0 +1,7 @@
+"""leantorch: make PyTorch models cheaper and prove it (measure -> transform -> verify -> report)."""
+
+from leantorch.errors import LeanError, LeanTypeError, UnknownModelError
+
+__version__ = "0.1.0"
+
+__all__ = ["LeanError", "LeanTypeError", "UnknownModelError", "__version__"]

@@ -1,0 +1,284 @@
+"""Models by name: built-ins, local transformers folders, and ``path/to/file.py:factory``.
+
+Built-ins other than ``minilm`` are built from transformers configs with random weights (the
+architecture, not the training, decides what they cost); ``minilm`` carries real weights.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantorch.errors import LeanError, UnknownModelError, describe
+
+__all__ = [
+    "BUILTINS",
+    "LoadedModel",
+    "load_model",
+    "parse_shape",
+]
+
+
+@dataclass
+class LoadedModel:
+    """A model and how to make inputs for it.
+
+    ``kind`` is ``"text"`` (inputs: token ids and an attention mask of ``(batch, seq_len)``),
+    ``"vision"`` (an image batch ``(batch, *image_shape)``) or ``"custom"``.
+    """
+
+    name: str
+    model: nn.Module
+    kind: str
+    vocab_size: int = 0
+    image_shape: tuple[int, ...] = ()
+    default_seq_len: int = 128
+    example: tuple[Any, ...] | None = None  # inputs a factory supplied
+    description: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def example_inputs(
+        self,
+        batch: int = 1,
+        seq_len: int | None = None,
+        shapes: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(positional inputs, keyword inputs) for a forward pass, generated deterministically."""
+        _positive("batch", batch)
+        generator = torch.Generator().manual_seed(seed)
+        if self.kind == "text":
+            if shapes:
+                raise LeanError(f"--input does not apply to {self.name}, a text model: its "
+                                "inputs are token ids; use --seq-len N")
+            length = self.default_seq_len if seq_len is None else _positive("seq_len", seq_len)
+            ids = torch.randint(0, self.vocab_size, (batch, length), generator=generator)
+            return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if seq_len is not None:
+            raise LeanError(f"--seq-len applies to text models; {self.name} is a {self.kind} "
+                            "model: give its input shape with --input SHAPE")
+        if shapes:
+            return tuple(_random_input(parse_shape(s), batch, generator) for s in shapes), {}
+        if self.kind == "vision":
+            shape = (batch, *self.image_shape)
+            return (torch.randn(shape, generator=generator),), {}
+        if self.example is not None:
+            return self.example, {}
+        raise LeanError(f"{self.name}: no example inputs; give their shapes with --input SHAPE "
+                        "(e.g. --input 3x224x224), or return (model, example_inputs) from the "
+                        "factory")
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LeanError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+           "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+           "bool": torch.bool}
+_SHAPE = re.compile(r"^\s*(\d+(?:\s*[x,]\s*\d+)*)\s*(?::\s*([a-z0-9]+))?\s*$")
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """``"3x224x224"`` or ``"3,224,224"`` (optionally ``":int64"``) -> (shape, dtype).
+
+    The shape excludes the batch dimension. Accepted dtypes: float32 (default), float16,
+    bfloat16, float64, int64, int32, bool.
+    """
+    match = _SHAPE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise LeanError(
+            f"input shape {describe(text)} is malformed; expected sizes joined by 'x' or ',' "
+            "without the batch dimension, optionally with a dtype, e.g. 3x224x224 or 128:int64"
+        )
+    sizes = tuple(int(s) for s in re.split(r"\s*[x,]\s*", match.group(1)))
+    if any(s == 0 for s in sizes):
+        raise LeanError(f"input shape {text!r} has a zero size; every size must be >= 1")
+    dtype_name = match.group(2) or "float32"
+    if dtype_name not in _DTYPES:
+        raise LeanError(f"input shape {text!r}: unknown dtype {dtype_name!r}; accepted: "
+                        f"{', '.join(sorted(_DTYPES))}")
+    return sizes, _DTYPES[dtype_name]
+
+
+def _random_input(parsed: tuple[tuple[int, ...], torch.dtype], batch: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    sizes, dtype = parsed
+    shape = (batch, *sizes)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 100, shape, generator=generator, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- built-ins
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise LeanError("this model is built with transformers: pip install 'leantorch[hf]'") \
+            from error
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def _minilm() -> LoadedModel:
+    from leantorch.models.sentence import load_minilm
+
+    _transformers()
+    model = load_minilm()
+    return LoadedModel("minilm", model, "text", vocab_size=model.encoder.config.vocab_size,
+                       description="all-MiniLM-L6-v2 sentence encoder, real pretrained weights")
+
+
+def _text(name: str, config_name: str, model_name: str, description: str,
+          **config: Any) -> Callable[[], LoadedModel]:
+    def build() -> LoadedModel:
+        t = _transformers()
+        cfg = getattr(t, config_name)(**config)
+        torch.manual_seed(0)
+        model = getattr(t, model_name)(cfg).eval()
+        return LoadedModel(name, model, "text", vocab_size=cfg.vocab_size,
+                           description=description)
+
+    return build
+
+
+def _vision(name: str, config_name: str, model_name: str, description: str,
+            **config: Any) -> Callable[[], LoadedModel]:
+    def build() -> LoadedModel:
+        t = _transformers()
+        cfg = getattr(t, config_name)(**config)
+        torch.manual_seed(0)
+        model = getattr(t, model_name)(cfg).eval()
+        size = getattr(cfg, "image_size", 224)
+        return LoadedModel(name, model, "vision", image_shape=(cfg.num_channels, size, size),
+                           description=description)
+
+    return build
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {
+    "minilm": ("all-MiniLM-L6-v2 sentence encoder (real weights, 22.7M params)", _minilm),
+    "bert-base": ("BERT-base encoder (110M params), random weights", _text(
+        "bert-base", "BertConfig", "BertModel", "BERT-base")),
+    "gpt2": ("GPT-2 small with its LM head (124M params), random weights", _text(
+        "gpt2", "GPT2Config", "GPT2LMHeadModel", "GPT-2 small")),
+    "llama-tiny": ("a 4-layer Llama (GQA 8/4 heads, SwiGLU), random weights", _text(
+        "llama-tiny", "LlamaConfig", "LlamaForCausalLM", "tiny Llama", hidden_size=256,
+        intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)),
+    "mixtral-tiny": ("a 2-layer Mixtral (8 experts, top-2), random weights", _text(
+        "mixtral-tiny", "MixtralConfig", "MixtralForCausalLM", "tiny Mixtral", hidden_size=256,
+        intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=2048)),
+    "vit-b16": ("ViT-B/16 at 224x224 with a 1000-class head, random weights", _vision(
+        "vit-b16", "ViTConfig", "ViTForImageClassification", "ViT-B/16", num_labels=1000)),
+    "resnet50": ("ResNet-50 with a 1000-class head, random weights", _vision(
+        "resnet50", "ResNetConfig", "ResNetForImageClassification", "ResNet-50",
+        num_labels=1000)),
+    "convnext-tiny": ("ConvNeXt-T with a 1000-class head, random weights", _vision(
+        "convnext-tiny", "ConvNextConfig", "ConvNextForImageClassification", "ConvNeXt-T",
+        num_labels=1000)),
+    "mobilenetv2": ("MobileNetV2 1.0 with a 1000-class head, random weights", _vision(
+        "mobilenetv2", "MobileNetV2Config", "MobileNetV2ForImageClassification",
+        "MobileNetV2", num_labels=1000)),
+}
+
+
+def _from_folder(path: Path) -> LoadedModel:
+    t = _transformers()
+    try:
+        config = t.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = t.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as error:
+        raise UnknownModelError(
+            f"model folder {str(path)!r} is not a loadable transformers model: "
+            f"{str(error).splitlines()[0]}") from error
+    if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        return LoadedModel(path.name, model, "vision",
+                           image_shape=(config.num_channels, size, size))
+    if hasattr(config, "vocab_size"):
+        return LoadedModel(path.name, model, "text", vocab_size=config.vocab_size)
+    return LoadedModel(path.name, model, "custom")
+
+
+def _from_factory(reference: str) -> LoadedModel:
+    file_part, _, factory_name = reference.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise UnknownModelError(f"model file {file_part!r} does not exist (from {reference!r}; "
+                                "expected path/to/file.py:factory)")
+    if not factory_name.isidentifier():
+        raise UnknownModelError(f"{reference!r}: {factory_name!r} is not a function name; "
+                                "expected path/to/file.py:factory")
+    module_name = f"_leantorch_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UnknownModelError(f"cannot import {file_part!r} as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        sys.modules.pop(module_name, None)
+        raise UnknownModelError(f"importing {file_part!r} failed: {type(error).__name__}: "
+                                f"{error}") from error
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items()
+                       if callable(v) and not n.startswith("_") and
+                       getattr(v, "__module__", None) == module_name)
+        raise UnknownModelError(
+            f"{file_part!r} has no callable {factory_name!r}; callables defined there: "
+            f"{', '.join(found) or 'none'}")
+    result = factory()
+    example = None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        result, example = result
+        example = example if isinstance(example, tuple) else (example,)
+    if not isinstance(result, nn.Module):
+        raise UnknownModelError(
+            f"{reference!r} returned {type(result).__name__}; the factory must return an "
+            "nn.Module, or (nn.Module, example_inputs)")
+    return LoadedModel(f"{path.name}:{factory_name}", result, "custom", example=example)
+
+
+def load_model(name: str) -> LoadedModel:
+    """Resolve ``name``: a built-in (see :data:`BUILTINS`), a local transformers model folder,
+    or ``path/to/file.py:factory`` (a function returning an ``nn.Module`` or
+    ``(nn.Module, example_inputs)``)."""
+    if not isinstance(name, str) or not name:
+        raise UnknownModelError(f"model name must be a non-empty string, got {describe(name)}")
+    key = name.lower()
+    if key in BUILTINS:
+        return BUILTINS[key][1]()
+    if ":" in name and name.rpartition(":")[0].endswith(".py"):
+        return _from_factory(name)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"folder {name!r} has no config.json, so it is not a "
+                                    "transformers model folder")
+        return _from_folder(path)
+    raise UnknownModelError(
+        f"unknown model {name!r}; accepted: a built-in name ({', '.join(BUILTINS)}), a local "
+        "transformers model folder, or path/to/file.py:factory"
+    )
