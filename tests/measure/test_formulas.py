@@ -313,3 +313,22 @@ def test_cost_validation() -> None:
 def test_op_names() -> None:
     assert op_name(torch.ops.aten.mm.default) == "aten.mm"
     assert op_name(torch.ops.aten.select_backward) == "aten.select_backward"
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_fp16_decode_attention_intensity_is_the_gqa_group_size(group: int) -> None:
+    # One query token against L cached keys: each KV head's 4*L*d bytes (K and V in fp16)
+    # serve `group` query heads doing 4*L*d FLOPs each, so FLOP/B ~= group (TECHNIQUES.md).
+    heads, length, d = 8, 1024, 128
+    q = torch.randn(1, heads, 1, d, dtype=torch.float16)
+    k, v = (torch.randn(1, heads // group, length, d, dtype=torch.float16) for _ in range(2))
+    report = count(Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+                   q, k, v)
+    # exactly: (4d + 6) FLOPs per score over 4d bytes per cached key, plus the small tensors
+    scores = heads * length
+    kv_bytes = 2 * (heads // group) * length * d * 2
+    other_bytes = 2 * heads * d * 2 + heads * 4  # q and out in fp16, the fp32 logsumexp
+    assert report.forward.bytes == kv_bytes + other_bytes
+    assert report.forward.intensity == pytest.approx(
+        (4 * d + 6) * scores / (kv_bytes + other_bytes))
+    assert report.forward.intensity == pytest.approx(group, rel=0.02)

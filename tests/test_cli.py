@@ -1,0 +1,77 @@
+"""The leantorch command: results on stdout, one-line errors on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leantorch.cli import main
+
+MODEL_FILE = '''
+import torch
+
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU())
+'''
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def test_profile_json(model_file, capsys) -> None:
+    code = main(["profile", f"{model_file}:build", "--input", "6", "--batch", "4", "--json",
+                 "--no-latency", "--device-spec", "none"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["forward"]["macs"] == 4 * 6 * 3
+    assert data["inputs"] == [{"name": "arg0", "shape": [4, 6], "dtype": "float32"}]
+    assert data["latency"] is None and data["device"] is None
+
+
+def test_profile_table_with_backward(model_file, capsys) -> None:
+    code = main(["profile", f"{model_file}:build", "--input", "6", "--backward", "--runs", "2",
+                 "--warmup", "0", "--depth", "1", "--device-spec", "t4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "bwd FLOPs" in out and "latency forward + backward" in out and "roofline on t4" in out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["profile", "no-such-model"], "unknown model 'no-such-model'"),
+    (["profile", "{file}:nothing"], "has no callable 'nothing'"),
+    (["profile", "{file}:build", "--input", "6x"], "input shape '6x' is malformed"),
+    (["profile", "{file}:build", "--input", "7"], "the model's forward failed"),
+    (["profile", "{file}:build"], "no example inputs"),
+    (["profile", "{file}:build", "--input", "6", "--device-spec", "tpu"], "--device-spec"),
+    (["profile", "{file}:build", "--input", "6", "--depth", "-1"], "--depth must be >= 0"),
+    (["profile", "{file}:build", "--input", "6", "--batch", "0"], "batch must be a positive"),
+])
+def test_bad_input_is_one_line_on_stderr(argv, fragment, model_file, capsys) -> None:
+    argv = [a.replace("{file}", str(model_file)) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leantorch: error: ")
+    assert fragment in lines[0]
+
+
+def test_the_installed_command_exits_without_a_traceback(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "leantorch.cli", "profile", "nope"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown model 'nope'" in result.stderr
+
+
+def test_models_lists_builtins(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm" in out and "resnet50" in out
