@@ -110,11 +110,48 @@ def test_transposed_conv_counts_scattered_inputs(groups: int) -> None:
 
 
 # --------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("q_len,k_len", [(1, 1), (5, 5), (3, 8), (8, 3), (16, 16)])
+@settings(max_examples=60, deadline=None)
+@given(q_len=st.integers(1, 40), k_len=st.integers(1, 40))
 def test_causal_pairs_are_what_the_mask_keeps(q_len: int, k_len: int) -> None:
-    mask = torch.ones(q_len, k_len, dtype=torch.bool).tril()
-    assert attention_pairs(q_len, k_len, causal=True) == int(mask.sum())
+    top_left = torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    bottom_right = torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=k_len - q_len)
+    assert attention_pairs(q_len, k_len, causal=True) == int(top_left.sum())
+    assert attention_pairs(q_len, k_len, True, bottom_right=True) == int(bottom_right.sum())
     assert attention_pairs(q_len, k_len, causal=False) == q_len * k_len
+
+
+def test_kernel_level_attention_ops_read_their_own_layouts() -> None:
+    # _flash_attention_forward takes (batch, seq, heads, dim), or a packed variable-length
+    # batch (total, heads, dim) with offsets; _efficient_attention_forward names them cu_seqlens.
+    from leantorch.measure.formulas import OpCall
+
+    aten = torch.ops.aten
+    heads, d = 8, 64
+    packed = torch.empty(256, heads, d, device="meta")
+    offsets = torch.tensor([0, 100, 256])
+    two_sequences = heads * (100 * 100 + 156 * 156) * 2 * d
+    call = OpCall(aten._flash_attention_forward.default,
+                  (packed, packed, packed, offsets, offsets, 156, 156, 0.0, False, False), {}, None)
+    assert get_formula(call.func)(call).macs == two_sequences
+    batched = torch.empty(1, 256, heads, d, device="meta")
+    call = OpCall(aten._efficient_attention_forward.default,
+                  (batched, batched, batched, None, offsets.int(), offsets.int(), 156, 156, 0.0, 0),
+                  {}, None)
+    assert get_formula(call.func)(call).macs == two_sequences
+    dense = torch.empty(2, 50, heads, d, device="meta")  # bottom-right causal, square: n(n+1)/2
+    call = OpCall(aten._efficient_attention_forward.default,
+                  (dense, dense, dense, None, None, None, 50, 50, 0.0, 2), {}, None)
+    assert get_formula(call.func)(call).macs == 2 * heads * (50 * 51 // 2) * 2 * d
+
+
+def test_fused_addmm_activation_counts_its_activation() -> None:
+    bias, x, w = torch.randn(32), torch.randn(8, 16), torch.randn(16, 32)
+    gelu = count(Fn(lambda b, x, w: torch.ops.aten._addmm_activation(b, x, w, use_gelu=True)),
+                 bias, x, w)
+    relu = count(Fn(lambda b, x, w: torch.ops.aten._addmm_activation(b, x, w)), bias, x, w)
+    assert gelu.macs == relu.macs == 8 * 16 * 32
+    assert gelu.flops == 2 * 8 * 16 * 32 + 8 * 32 + 5 * 8 * 32
+    assert relu.flops == 2 * 8 * 16 * 32 + 8 * 32 + 8 * 32
 
 
 def sdpa_hand(batch, heads, q_len, k_len, d, dv, causal=False, masked=False):

@@ -542,7 +542,15 @@ def _scaled_mm(call: OpCall) -> Cost:
 
 
 _register_many(("mm", "_int_mm"), _mm)
-_register_many(("addmm", "_addmm_activation"), _addmm)
+def _addmm_activation(call: OpCall) -> Cost:
+    """addmm followed by a fused ReLU (1 per output element) or GELU (5)."""
+    cost = _addmm(call)
+    per = 5 if call.arg("use_gelu", False) else 1
+    return Cost(cost.flops + per * call.output.numel(), macs=cost.macs)
+
+
+_register_many(("addmm",), _addmm)
+_register_many(("_addmm_activation",), _addmm_activation)
 _register_many(("bmm",), _bmm)
 _register_many(("baddbmm",), _baddbmm)
 _register_many(("addbmm",), _addbmm)
@@ -603,17 +611,22 @@ _register_many(("convolution_backward", "convolution_backward_overrideable"),
 
 
 # --------------------------------------------------------------------------- attention
-def attention_pairs(q_len: int, k_len: int, causal: bool) -> int:
+def attention_pairs(q_len: int, k_len: int, causal: bool, bottom_right: bool = False) -> int:
     """(query, key) pairs attention computes per head: all of them, or those a causal mask keeps.
 
     The causal mask is torch's top-left aligned one (``ones(L, S).tril()``): query i sees keys
-    0..i, so a square mask keeps n(n+1)/2 pairs, not n^2 / 2 and not n^2.
+    0..i, so a square mask keeps n(n+1)/2 pairs, not n^2 / 2 and not n^2. ``bottom_right``
+    aligns the diagonal with the last key instead (query i sees keys 0..i + S - L), as the
+    efficient-attention kernel's ``custom_mask_type=2`` does.
     """
     if not causal:
         return q_len * k_len
-    if q_len <= k_len:
-        return q_len * (q_len + 1) // 2
-    return k_len * (k_len + 1) // 2 + (q_len - k_len) * k_len
+    # sum over queries i of clamp(first + i, 0, k_len): the keys query i may see
+    first = 1 + (k_len - q_len if bottom_right else 0)
+    start = min(max(-first, 0), q_len)  # queries before this see nothing
+    full = min(max(k_len - first, start), q_len)  # queries from here on see every key
+    ramp = (full - start) * first + (start + full - 1) * (full - start) // 2
+    return ramp + (q_len - full) * k_len
 
 
 # per kept score: scale (1) + softmax (5); a mask adds 1, dropout adds 1
@@ -635,6 +648,7 @@ def attention_cost(
     masked: bool = False,
     dropout: bool = False,
     backward: bool = False,
+    bottom_right: bool = False,
 ) -> Cost:
     """Cost of fused scaled-dot-product attention (inputs laid out as (B, H, S, D)).
 
@@ -642,7 +656,7 @@ def attention_cost(
     from the saved logsumexp: ``B * H_q * pairs * (3d + 2d_v)`` MACs (S, dV, dP, dQ, dK), plus the
     ``D = rowsum(dO * O)`` term and, for grouped KV heads, summing the group's dK/dV.
     """
-    pairs = batch * q_heads * attention_pairs(q_len, k_len, causal)
+    pairs = batch * q_heads * attention_pairs(q_len, k_len, causal, bottom_right)
     per_score = (ATTENTION_BACKWARD_SCORE_FLOPS if backward else ATTENTION_SCORE_FLOPS)
     per_score += int(masked) + int(dropout)
     if not backward:
@@ -655,26 +669,33 @@ def attention_cost(
 
 
 def _sdpa(backward: bool, layout: str = "bhsd") -> Formula:
+    """Fused attention. ``bhsd`` ops take (batch, heads, seq, dim); ``bshd`` ops
+    (``_flash_attention_*``, ``_efficient_attention_*``) take (batch, seq, heads, dim), or a packed
+    variable-length batch (total, heads, dim) with cumulative sequence offsets."""
+
     def formula(call: OpCall) -> Cost:
         q, k, v = call.arg("query"), call.arg("key"), call.arg("value")
-        if layout == "bshd":  # _flash_attention_forward / _efficient_attention_forward
-            q, k, v = (t.transpose(1, 2) if t.dim() == 4 else t for t in (q, k, v))
-        mask = call.arg("attn_mask", call.arg("attn_bias"))
-        causal = bool(call.arg("is_causal", False)) or call.arg("custom_mask_type", 0) == 1
-        dropout = float(call.arg("dropout_p", 0.0)) > 0
-        cum_q, cum_k = call.arg("cum_seq_q"), call.arg("cum_seq_k")
-        if cum_q is not None and cum_k is not None:  # packed variable-length batch
-            q_lens = (cum_q[1:] - cum_q[:-1]).tolist()
-            k_lens = (cum_k[1:] - cum_k[:-1]).tolist()
-            heads, kv_heads = q.shape[-3], k.shape[-3]
-            total = Cost(0)
-            for lq, lk in zip(q_lens, k_lens, strict=True):
-                one = attention_cost(1, heads, kv_heads, int(lq), int(lk), q.shape[-1],
-                                     v.shape[-1], causal, mask is not None, dropout, backward)
-                total = Cost(total.flops + one.flops, total.macs + one.macs)
-            return total
+        mask = next((m for m in (call.arg("attn_mask"), call.arg("attn_bias"), call.arg("bias"))
+                     if m is not None), None)
+        mask_type = call.arg("custom_mask_type", 0)
+        causal = bool(call.arg("is_causal", False)) or mask_type in (1, 2)
+        options = {"causal": causal, "bottom_right": mask_type == 2, "masked": mask is not None,
+                   "dropout": float(call.arg("dropout_p", 0.0)) > 0, "backward": backward}
+        if layout == "bshd":
+            cum_q = call.arg("cum_seq_q", call.arg("cu_seqlens_q"))
+            cum_k = call.arg("cum_seq_k", call.arg("cu_seqlens_k"))
+            heads, kv_heads = q.shape[-2], k.shape[-2]
+            d, dv = q.shape[-1], v.shape[-1]
+            if cum_q is not None and cum_k is not None:  # packed: one sequence per offset pair
+                q_lens = (cum_q[1:] - cum_q[:-1]).tolist()
+                k_lens = (cum_k[1:] - cum_k[:-1]).tolist()
+                parts = [attention_cost(1, heads, kv_heads, int(lq), int(lk), d, dv, **options)
+                         for lq, lk in zip(q_lens, k_lens, strict=True)]
+                return Cost(sum(p.flops for p in parts), sum(p.macs for p in parts))
+            return attention_cost(q.shape[0], heads, kv_heads, q.shape[1], k.shape[1], d, dv,
+                                  **options)
         return attention_cost(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
-                              q.shape[3], v.shape[3], causal, mask is not None, dropout, backward)
+                              q.shape[3], v.shape[3], **options)
 
     return formula
 
