@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantorch.errors import LeanError
+from leantorch.serialize import architecture, build, register_module
 
 __all__ = ["SentenceEncoder", "load_minilm", "minilm_path", "minilm_tokenizer"]
 
 
+@register_module(name="leantorch.SentenceEncoder")
 class SentenceEncoder(nn.Module):
     """``encoder`` (a transformers encoder) -> mean pooling -> L2 norm.
 
@@ -30,6 +32,13 @@ class SentenceEncoder(nn.Module):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
+
+    def spec(self) -> dict[str, Any]:
+        return {"encoder": architecture(self.encoder)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> SentenceEncoder:
+        return cls(build(spec["encoder"]))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -1,0 +1,462 @@
+"""``leantorch.save`` / ``leantorch.load``: one safetensors file that round-trips any compressed
+model bit-exactly.
+
+The file holds every tensor of the state dict (each storage once: tied weights stay tied) and,
+in the safetensors metadata, a small JSON that says how to rebuild the modules before the
+tensors are loaded into them:
+
+1. ``base``: the architecture to build first (a transformers model from its config, a
+   registered leantorch module from its spec, torch's own layers and containers);
+2. ``steps``: structural edits recorded by transforms, replayed in order
+   (:func:`record_step`, :func:`register_step`);
+3. ``overrides``: modules that still differ from what 1-2 build (a Linear replaced by an int8
+   one, a factorised layer, a pruned shape) with the architecture to build in their place;
+4. ``parametrizations``: masks and other ``torch.nn.utils.parametrize`` entries to re-register.
+
+A module class of your own joins in with :func:`register_module` (``spec()`` returns its
+constructor arguments, ``from_spec(spec)`` builds it). A model whose base leantorch cannot
+build (your own top-level class) still saves; load it with ``load(path, model=skeleton)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.io import atomic_write_bytes
+
+__all__ = [
+    "FORMAT_VERSION",
+    "architecture",
+    "build",
+    "load",
+    "record_step",
+    "register_module",
+    "register_step",
+    "save",
+]
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "leantorch"
+_MODULES: dict[str, type[nn.Module]] = {}
+_STEPS: dict[str, Callable[..., None]] = {}
+_BASE_ATTR = "_leantorch_base_architecture"
+_STEPS_ATTR = "_leantorch_steps"
+
+
+# --------------------------------------------------------------------------- registries
+def register_module(cls: type[nn.Module] | None = None, *, name: str | None = None) -> Any:
+    """Class decorator: make a module class saveable. The class implements
+    ``spec(self) -> dict`` (JSON-able constructor arguments; a child module may be described
+    with :func:`architecture`) and ``from_spec(cls, spec) -> instance`` (a classmethod; when
+    absent, ``cls(**spec)`` is used)."""
+
+    def register(klass: type[nn.Module]) -> type[nn.Module]:
+        if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
+            raise LeanTypeError(f"register_module: expected an nn.Module subclass, got "
+                                f"{describe(klass)}")
+        if not callable(getattr(klass, "spec", None)):
+            raise LeanTypeError(f"register_module: {klass.__name__} needs a spec() method "
+                                "returning its constructor arguments")
+        _MODULES[name or f"{klass.__module__}.{klass.__qualname__}"] = klass
+        klass._leantorch_name = name or f"{klass.__module__}.{klass.__qualname__}"
+        return klass
+
+    return register if cls is None else register(cls)
+
+
+def register_step(name: str, fn: Callable[..., None] | None = None) -> Any:
+    """Register a structural edit ``fn(model, **args)`` that :func:`load` can replay."""
+
+    def register(f: Callable[..., None]) -> Callable[..., None]:
+        _STEPS[name] = f
+        return f
+
+    return register if fn is None else register(fn)
+
+
+def record_step(model: nn.Module, name: str, **args: Any) -> None:
+    """Note on ``model`` (a transform's output) that structural edit ``name`` was applied with
+    ``args`` (JSON-able), so :func:`save` can tell :func:`load` to replay it. The architecture
+    before the first recorded edit is remembered as the base to replay on."""
+    if name not in _STEPS:
+        raise LeanError(f"record_step: {name!r} is not a registered step; known: "
+                        f"{', '.join(sorted(_STEPS)) or 'none'}")
+    if _STEPS_ATTR not in model.__dict__:
+        model.__dict__[_BASE_ATTR] = architecture(model)
+        model.__dict__[_STEPS_ATTR] = []
+    json.dumps(args)  # fail now, not at save time, on arguments that cannot be stored
+    model.__dict__[_STEPS_ATTR].append({"step": name, "args": args})
+
+
+# --------------------------------------------------------------------------- architectures
+def _torch_spec(module: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of torch's own layers (None when not one of them)."""
+    m = module
+    if type(m) is nn.Linear:
+        return {"in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d):
+        spec = {"in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+                "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode}
+        if m.transposed:
+            spec["output_padding"] = list(m.output_padding)
+        return spec
+    if type(m) is nn.Embedding:
+        return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                "padding_idx": m.padding_idx}
+    if type(m) is nn.LayerNorm:
+        return {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None}
+    if type(m) is nn.RMSNorm:
+        return {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                "elementwise_affine": m.elementwise_affine}
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                "affine": m.affine, "track_running_stats": m.track_running_stats}
+    if type(m) is nn.GroupNorm:
+        return {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
+                "affine": m.affine}
+    if type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+        return {"p": m.p}
+    if type(m) is nn.GELU:
+        return {"approximate": m.approximate}
+    if type(m) in (nn.Softmax, nn.LogSoftmax):
+        return {"dim": m.dim}
+    if type(m) is nn.Flatten:
+        return {"start_dim": m.start_dim, "end_dim": m.end_dim}
+    if type(m) is nn.Hardtanh:
+        return {"min_val": m.min_val, "max_val": m.max_val}
+    if type(m) in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Hardswish,
+                   nn.Hardsigmoid, nn.Mish):
+        return {}
+    if type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
+        size = m.output_size
+        return {"output_size": list(size) if isinstance(size, tuple) else size}
+    return None
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _is_transformers(module: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(module).__mro__)
+
+
+def architecture(module: nn.Module) -> dict[str, Any]:
+    """How to build ``module`` again with fresh weights, as JSON-able data (``kind``: leantorch,
+    transformers, torch, container, or unknown). Parametrizations are not part of it."""
+    module = _unparametrized(module)
+    name = getattr(type(module), "_leantorch_name", None)
+    if name is not None and _MODULES.get(name) is type(module):
+        return {"kind": "leantorch", "class": name, "spec": module.spec()}
+    if _is_transformers(module):
+        return {"kind": "transformers", "class": type(module).__name__,
+                "config": module.config.to_dict()}
+    spec = _torch_spec(module)
+    if spec is not None:
+        return {"kind": "torch", "class": type(module).__name__, "spec": spec}
+    if type(module) in _CONTAINERS:
+        return {"kind": "container", "class": type(module).__name__,
+                "children": {n: architecture(c) for n, c in module.named_children()}}
+    return {"kind": "unknown", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
+
+
+def buildable(arch: dict[str, Any]) -> bool:
+    if arch["kind"] == "container":
+        return all(buildable(a) for a in arch["children"].values())
+    return arch["kind"] != "unknown"
+
+
+def build(arch: dict[str, Any]) -> nn.Module:
+    """The module ``arch`` (from :func:`architecture`) describes, with fresh weights."""
+    kind = arch.get("kind")
+    if kind == "leantorch":
+        cls = _MODULES.get(arch["class"])
+        if cls is None:
+            module_name = arch["class"].rsplit(".", 1)[0]
+            with contextlib.suppress(ImportError):  # classes register when imported
+                importlib.import_module(module_name)
+            cls = _MODULES.get(arch["class"])
+        if cls is None:
+            raise LeanError(f"module class {arch['class']!r} is not registered with "
+                            "leantorch.serialize.register_module (import the module defining "
+                            "it before loading)")
+        from_spec = getattr(cls, "from_spec", None)
+        return from_spec(arch["spec"]) if from_spec is not None else cls(**arch["spec"])
+    if kind == "transformers":
+        try:
+            import transformers
+        except ImportError as error:
+            raise LeanError("this model was saved from transformers: pip install "
+                            "'leantorch[hf]' to load it") from error
+        config = dict(arch["config"])
+        model_type = config.pop("model_type")
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+        return getattr(transformers, arch["class"])(cfg)
+    if kind == "torch":
+        spec = dict(arch["spec"])
+        for key in ("kernel_size", "stride", "dilation", "output_padding"):
+            if isinstance(spec.get(key), list):
+                spec[key] = tuple(spec[key])
+        if isinstance(spec.get("padding"), list):
+            spec["padding"] = tuple(spec["padding"])
+        if isinstance(spec.get("output_size"), list):
+            spec["output_size"] = tuple(spec["output_size"])
+        return getattr(nn, arch["class"])(**spec)
+    if kind == "container":
+        children = {n: build(a) for n, a in arch["children"].items()}
+        if arch["class"] == "ModuleDict":
+            return nn.ModuleDict(children)
+        if arch["class"] == "ModuleList":
+            return nn.ModuleList(children[str(i)] for i in range(len(children)))
+        container = nn.Sequential()
+        for n, child in children.items():
+            container.add_module(n, child)
+        return container
+    raise LeanError(f"cannot build a module of class {arch.get('class')!r}: leantorch does not "
+                    "know how to construct it; pass load(path, model=skeleton)")
+
+
+# --------------------------------------------------------------------------- diffs
+def _signature(module: nn.Module) -> tuple[Any, ...]:
+    """Class, own tensor names and shapes, child names: what a rebuilt module must match.
+    Dtypes are left out: loading assigns the saved tensors with their own dtypes."""
+    tensors = [(n, tuple(t.shape)) for n, t in
+               list(module.named_parameters(recurse=False)) +
+               list(module.named_buffers(recurse=False)) if t is not None]
+    return type(module), tuple(sorted(tensors)), tuple(n for n, _ in module.named_children())
+
+
+def _overrides(model: nn.Module, skeleton: nn.Module | None) -> dict[str, dict[str, Any]]:
+    """Modules of ``model`` that ``skeleton`` (the rebuilt base) does not already have, as
+    architectures to build in their place; top-down, outermost first. Without a skeleton (a base
+    leantorch cannot build) every outermost buildable module is described."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def visit(module: nn.Module, other: nn.Module | None, path: str) -> None:
+        plain = _unparametrized(module)
+        other_plain = None if other is None else _unparametrized(other)
+        if other_plain is not None and _signature(plain) == _signature(other_plain):
+            reference: nn.Module | None = other_plain
+        else:
+            arch = architecture(plain)
+            if buildable(arch):
+                found[path] = arch
+                reference = build_on_meta(arch)
+            elif skeleton is None:
+                reference = None
+            else:
+                raise LeanError(
+                    f"cannot save the module at {path or '(model)'} "
+                    f"({type(plain).__name__}): it differs from the rebuilt base and leantorch "
+                    "cannot construct it; register its class with "
+                    "leantorch.serialize.register_module, or record the edit with record_step")
+        for name, child in plain.named_children():
+            visit(child, None if reference is None else getattr(reference, name, None),
+                  _join(path, name))
+
+    visit(model, skeleton, "")
+    return found
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """The module as its own class, parametrizations hidden (they are saved apart): a shallow
+    view sharing the module's tensors, with each parametrized tensor's ``original``."""
+    if not parametrize.is_parametrized(module):
+        return module
+    view = object.__new__(type(module).__bases__[0])  # parametrize subclasses the module's class
+    view.__dict__.update(module.__dict__)
+    view._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    view._parameters = dict(module._parameters)
+    for name, entry in module.parametrizations.items():
+        view._parameters[name] = entry.original
+    return view
+
+
+def build_on_meta(arch: dict[str, Any]) -> nn.Module:
+    """Build cheaply (no memory, no initialisation cost) when possible."""
+    try:
+        with torch.device("meta"):
+            return build(arch)
+    except Exception:
+        return build(arch)
+
+
+def _parametrizations(model: nn.Module) -> list[dict[str, Any]]:
+    entries = []
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in module.parametrizations.items():
+            for p in plist:
+                arch = architecture(p)
+                if not buildable(arch):
+                    raise LeanError(f"cannot save the parametrization {type(p).__name__} on "
+                                    f"{path}.{tensor_name}: register its class with "
+                                    "leantorch.serialize.register_module")
+                entries.append({"path": path, "tensor": tensor_name, "parametrization": arch})
+    return entries
+
+
+# --------------------------------------------------------------------------- save / load
+def _base_and_steps(model: nn.Module) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if _STEPS_ATTR in model.__dict__:
+        return model.__dict__[_BASE_ATTR], list(model.__dict__[_STEPS_ATTR])
+    return architecture(_unparametrized(model)), []
+
+
+def _skeleton(base: dict[str, Any], steps: list[dict[str, Any]], meta: bool) -> nn.Module:
+    model = build_on_meta(base) if meta else build(base)
+    for step in steps:
+        fn = _STEPS.get(step["step"])
+        if fn is None:
+            raise LeanError(f"saved model needs structural step {step['step']!r}, which is not "
+                            "registered (import the module of the transform that made it)")
+        fn(model, **step["args"])
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike[str],
+         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` (one ``.safetensors`` file, atomically)."""
+    if not isinstance(model, nn.Module):
+        raise LeanTypeError(f"save: model must be a torch.nn.Module, got {type(model).__name__}")
+    from safetensors.torch import save as save_tensors
+
+    base, steps = _base_and_steps(model)
+    skeleton = _skeleton(base, steps, meta=True) if buildable(base) else None
+    overrides = _overrides(model, skeleton)
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for key, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                    tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if identity in seen and identity[0] != 0:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = tensor.detach().contiguous().cpu()
+    header = {
+        "format": "leantorch",
+        "format_version": FORMAT_VERSION,
+        "base": base,
+        "steps": steps,
+        "overrides": overrides,
+        "parametrizations": _parametrizations(model),
+        "aliases": aliases,
+        "training": model.training,
+        "metadata": metadata or {},
+    }
+    try:
+        blob = save_tensors(tensors, metadata={_METADATA_KEY: json.dumps(header)})
+    except RuntimeError as error:  # e.g. overlapping views that are not identical
+        raise LeanError(f"save: the state dict cannot be written: {error}") from error
+    return atomic_write_bytes(path, blob)
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a saved model (checked for format and version)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanError(f"load: no file at {str(path)!r}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise LeanError(f"load: {str(path)!r} is not a readable safetensors file (corrupt or "
+                        f"truncated?): {error}") from error
+    if _METADATA_KEY not in metadata:
+        raise LeanError(f"load: {str(path)!r} is a safetensors file but was not written by "
+                        "leantorch.save (no leantorch header)")
+    try:
+        header = json.loads(metadata[_METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise LeanError(f"load: the leantorch header of {str(path)!r} is corrupt") from error
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LeanError(f"load: {str(path)!r} has format version {version!r}; this leantorch "
+                        f"reads versions up to {FORMAT_VERSION}: upgrade leantorch")
+    return header
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved at ``path``. ``model``: a freshly built base model (same
+    architecture as before any transform) when leantorch cannot build the base itself."""
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise LeanTypeError(f"load: model must be an nn.Module skeleton, got "
+                                f"{type(model).__name__}")
+        target = model
+        for step in header["steps"]:
+            _STEPS[step["step"]](target, **step["args"])
+    elif buildable(header["base"]):
+        target = _skeleton(header["base"], header["steps"], meta=False)
+    else:
+        raise LeanError(f"load: the base model ({header['base'].get('class')}) is not a class "
+                        "leantorch can build; pass load(path, model=<a fresh instance>)")
+    for module_path, arch in sorted(header["overrides"].items(), key=lambda kv: kv[0].count(".")):
+        new = build(arch)
+        if module_path:
+            from leantorch.compress.change import replace_module
+
+            replace_module(target, module_path, new)
+        else:
+            target = new
+    for entry in header["parametrizations"]:
+        module = target.get_submodule(entry["path"])
+        parametrize.register_parametrization(module, entry["tensor"],
+                                             build(entry["parametrization"]), unsafe=True)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise LeanError(f"load: the tensors of {str(path)!r} cannot be read (corrupt or "
+                        f"truncated?): {error}") from error
+    for key, source in header["aliases"].items():
+        tensors[key] = tensors[source]
+    try:
+        target.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[:3])
+        raise LeanError(f"load: the saved tensors do not fit the rebuilt model: {detail}") \
+            from error
+    _retie(target, header["aliases"])
+    target.train(header.get("training", False))
+    return target
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make tied parameters the same Parameter object again (assign=True split them)."""
+    for key, source in aliases.items():
+        owner_path, _, name = key.rpartition(".")
+        source_path, _, source_name = source.rpartition(".")
+        owner, source_owner = model.get_submodule(owner_path), model.get_submodule(source_path)
+        value = getattr(source_owner, source_name)
+        if isinstance(value, nn.Parameter) and name in owner._parameters:
+            owner._parameters[name] = value
