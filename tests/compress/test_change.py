@@ -73,3 +73,15 @@ def test_replace_module_errors() -> None:
         replace_module(net(), "", nn.ReLU())
     with pytest.raises(LeanTypeError, match=r"must be a torch\.nn\.Module"):
         apply_transform("x", [1], lambda t, c: None)
+
+
+def test_transform_registry() -> None:
+    from leantorch.compress.registry import get_transform, register_transform
+
+    register_transform("tests.halve", lambda model, *, inplace=False: halve(model,
+                                                                            inplace=inplace))
+    assert get_transform("tests.halve")(net())[1].transform == "halve"
+    with pytest.raises(LeanError, match=r"unknown transform 'nope'; known: .*tests\.halve"):
+        get_transform("nope")
+    with pytest.raises(LeanError, match="must take inplace="):
+        register_transform("tests.bad", lambda model: model)
