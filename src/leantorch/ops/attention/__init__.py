@@ -1,0 +1,11 @@
+"""Softmax attention in plain PyTorch: a readable reference (:func:`naive_attention`) beside
+exact tiled, split-KV, sliding-window / neighbourhood, block-sparse and top-k variants.
+
+Shapes: q (batch, q_heads, q_len, head_dim), k (batch, kv_heads, k_len, head_dim),
+v (batch, kv_heads, k_len, value_dim), q_heads % kv_heads == 0 (grouped-query attention).
+Causal masks are bottom-right aligned: query i sees keys 0..k_len - q_len + i.
+"""
+
+from leantorch.ops.attention.naive import naive_attention
+
+__all__ = ["naive_attention"]
