@@ -1,0 +1,232 @@
+"""Block sparsity: zero whole ``b x b`` tiles of a layer's weight matrix.
+
+The matrix is the one the layer multiplies by, ``(out_features, in_features)``: a Linear's
+weight, transformers' ``Conv1D`` weight transposed, a convolution's weight flattened to
+``(out, in/groups * prod(kernel))`` in its ``unfold`` order. Both sides must be multiples of
+``b``; other layers are skipped with the reason in ``Change.skipped``.
+
+Importance of a tile (higher = kept): ``"l1"`` (sum of ``|w|``), ``"l2"`` (Frobenius norm) or
+``"taylor"``, the first-order saliency ``|sum w * dL/dw|`` over the tile (LPViT), accumulated
+over the ``calibration`` batches, which needs a loss (``loss_fn(output)``, or the ``loss`` the
+model returns when the calibration inputs carry labels).
+
+Scope: ``"layer"`` prunes ``round(ratio * tiles)`` of every layer, ``"global"`` ranks the tiles
+of all layers together, ``"row"`` prunes ``round(ratio * tiles_per_row)`` in every block row of
+every layer, so each block row keeps the same number of tiles (no padding in the block-sparse
+matmul, see :mod:`leantorch.compress.prune.sparse_exec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantorch.compress.change import Change, _as_call, apply_transform
+from leantorch.compress.prune.masks import (
+    _check_ratio,
+    _check_scope,
+    _count,
+    _is_transformers_conv1d,
+    _original,
+    _record_sparsity,
+    get_mask,
+    lowest_k,
+    prunable_modules,
+    prune_scores,
+    set_mask,
+)
+from leantorch.compress.registry import register_transform
+from leantorch.errors import LeanError, LeanTypeError, describe
+
+__all__ = ["block_mask", "block_scores", "expand_blocks", "matrix_view", "prune_block"]
+
+IMPORTANCES = ("l1", "l2", "taylor")
+
+
+def matrix_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped like the layer's weight) as the ``(out, in)`` matrix the layer
+    multiplies by (a view where possible)."""
+    if _is_transformers_conv1d(module):
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _from_matrix(module: nn.Module, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if _is_transformers_conv1d(module):
+        return matrix.t().contiguous()
+    return matrix.reshape(shape)
+
+
+def block_scores(matrix: torch.Tensor, block_size: int, importance: str = "l1") -> torch.Tensor:
+    """Per-tile scores of ``matrix: (out, in)``, shape ``(out // b, in // b)``.
+
+    importance: ``"l1"`` sums ``|x|``, ``"l2"`` is the Frobenius norm, ``"sum"`` the plain
+    sum followed by ``abs`` (used for Taylor saliency, where ``matrix`` is ``w * grad``)."""
+    rows, cols = matrix.shape
+    b = block_size
+    tiles = matrix.reshape(rows // b, b, cols // b, b)
+    if importance == "l1":
+        return tiles.abs().sum(dim=(1, 3))
+    if importance == "l2":
+        return tiles.square().sum(dim=(1, 3)).sqrt()
+    if importance == "sum":
+        return tiles.sum(dim=(1, 3)).abs()
+    raise LeanError(f"block_scores: importance must be 'l1', 'l2' or 'sum', got "
+                    f"{describe(importance)}")
+
+
+def expand_blocks(tiles: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A per-tile tensor ``(R, C)`` repeated to the element grid ``(R * b, C * b)``."""
+    return tiles.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+
+
+def block_mask(scores: torch.Tensor, ratio: float, scope: str = "layer") -> torch.Tensor:
+    """Keep mask over tiles ``(R, C)`` for one layer: ``scope="layer"`` prunes the
+    ``round(ratio * R * C)`` lowest, ``"row"`` the ``round(ratio * C)`` lowest of every row
+    (ties: earlier tile first)."""
+    ratio = _check_ratio("block_mask", ratio)
+    _check_scope("block_mask", scope, ("layer", "row"))
+    if scope == "layer":
+        return ~lowest_k(scores, _count(ratio, scores.numel()))
+    k = _count(ratio, scores.shape[1])
+    return torch.stack([~lowest_k(row, k) for row in scores]) if scores.shape[0] else \
+        torch.ones_like(scores, dtype=torch.bool)
+
+
+def _check_block_size(block_size: Any) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise LeanError(f"prune.block: block_size must be a positive int, got "
+                        f"{describe(block_size)}")
+    return block_size
+
+
+def _taylor_products(
+    target: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    calibration: Sequence[Any] | None,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """``sum over batches of w * dL/dw`` per layer (elementwise; summed into tiles later)."""
+    if not calibration:
+        raise LeanError("prune.block: importance='taylor' needs calibration inputs (a list of "
+                        "model inputs), got none")
+    weights = {path: _original(module) for path, module in modules}
+    saved = {path: (w.requires_grad, w.grad) for path, w in weights.items()}
+    others = [p for p in target.parameters() if all(p is not w for w in weights.values())]
+    others_state = [(p.requires_grad, p.grad) for p in others]
+    sums = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
+    try:
+        for p in others:
+            p.requires_grad_(False)  # only the pruned weights need gradients
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in calibration:
+                args, kwargs = _as_call(batch)
+                for w in weights.values():
+                    w.grad = None
+                output = target(*args, **kwargs)
+                if loss_fn is not None:
+                    loss = loss_fn(output)
+                elif getattr(output, "loss", None) is not None:
+                    loss = output.loss
+                else:
+                    raise LeanError("prune.block: importance='taylor' needs a loss: pass "
+                                    "loss_fn(output) -> scalar, or calibration inputs with "
+                                    "labels so the model returns .loss")
+                loss.backward()
+                for path, w in weights.items():
+                    if w.grad is not None:
+                        sums[path] += (w.detach() * w.grad).float()
+    finally:
+        for path, w in weights.items():
+            w.requires_grad_(saved[path][0])
+            w.grad = saved[path][1]
+        for p, (flag, grad) in zip(others, others_state, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+    return sums
+
+
+@register_transform("prune.block")
+def prune_block(
+    model: nn.Module,
+    *,
+    ratio: float = 0.5,
+    block_size: int = 16,
+    importance: str = "l1",
+    scope: str = "layer",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration: Sequence[Any] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    example_inputs: Any = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, Change]:
+    """Zero whole ``block_size x block_size`` tiles of every selected layer's weight matrix.
+
+    ratio: fraction of tiles (so of weights) removed, exactly ``round(ratio * tiles)`` per layer
+    (``scope="layer"``), per block row (``"row"``) or over all layers (``"global"``); 0 is the
+    identity. importance: ``"l1"``, ``"l2"`` or ``"taylor"`` (needs ``calibration`` and a loss).
+    Tiles already fully masked are pruned first, so repeated calls nest.
+    """
+    ratio = _check_ratio("prune.block", ratio)
+    block_size = _check_block_size(block_size)
+    _check_scope("prune.block", scope, ("layer", "global", "row"))
+    if importance not in IMPORTANCES:
+        raise LeanError(f"prune.block: importance must be one of {', '.join(IMPORTANCES)}, got "
+                        f"{describe(importance)}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise LeanTypeError(f"prune.block: loss_fn must be callable(output) -> scalar, got "
+                            f"{describe(loss_fn)}")
+
+    def edit(target: nn.Module, change: Change) -> None:
+        if ratio == 0:
+            return
+        modules = []
+        for path, module in prunable_modules(target, include, exclude, change.skipped):
+            rows, cols = matrix_view(module, _original(module)).shape
+            if rows % block_size or cols % block_size:
+                change.skipped[path] = (f"weight matrix {rows}x{cols} is not a multiple of "
+                                        f"block_size={block_size} on both sides")
+                continue
+            modules.append((path, module))
+        if not modules:
+            raise LeanError(f"prune.block: no layer can be tiled by {block_size}x{block_size} "
+                            f"(include={include!r}, exclude={exclude!r}; skipped: "
+                            f"{change.skipped})")
+        products = _taylor_products(target, modules, calibration, loss_fn) \
+            if importance == "taylor" else {}
+        scores = {}
+        for path, module in modules:
+            weight = _original(module).detach()
+            mask = get_mask(module)
+            if mask is not None:
+                weight = torch.where(mask, weight, 0.0)
+            if importance == "taylor":
+                tile = block_scores(matrix_view(module, products[path]), block_size, "sum")
+            else:
+                tile = block_scores(matrix_view(module, weight).float(), block_size, importance)
+            if mask is not None:  # fully masked tiles go first, so masks nest
+                alive = block_scores(matrix_view(module, mask).float(), block_size, "l1") > 0
+                tile = torch.where(alive, tile, -1.0)
+            scores[path] = tile
+        if scope == "global":
+            keep_tiles = prune_scores(scores, ratio, "global")
+        else:
+            keep_tiles = {path: block_mask(s, ratio, scope) for path, s in scores.items()}
+        for path, module in modules:
+            weight = _original(module)
+            keep = expand_blocks(keep_tiles[path], block_size)
+            set_mask(module, _from_matrix(module, keep, weight.shape))
+            change.replaced.append(path)
+        _record_sparsity(target, change)
+
+    return apply_transform("prune.block", model, edit,
+                           params={"ratio": ratio, "block_size": block_size,
+                                   "importance": importance, "scope": scope,
+                                   "include": include, "exclude": exclude},
+                           example_inputs=example_inputs, inplace=inplace)
