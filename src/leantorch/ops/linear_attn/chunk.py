@@ -1,0 +1,258 @@
+"""Chunkwise mode: attention inside each chunk of ``chunk_size`` positions is computed in parallel
+(a masked chunk_size x chunk_size matrix), and chunks are joined by the recurrent state.
+
+For n positions, C = chunk_size, feature/key size f and value size e, the work is
+``n * C * (f + e)`` MACs inside chunks plus ``2 * n * f * e`` MACs for reading and updating the
+state: linear in n. Memory is O(n (f + e) + (n / C) f e).
+
+Execution: the sequence is processed in *segments* of several chunks (about 1 MiB of q/k/v per
+segment). Inside a segment every chunk is handled at once with batched matmuls; the state is
+carried from segment to segment. This keeps temporaries in cache and avoids allocating
+sequence-sized buffers, without changing the math.
+
+Gated linear attention, stably
+------------------------------
+Inside a chunk let ``b_t = sum_{r=chunk start..t} log_decay_r`` (per key channel, <= 0 and
+decreasing). Then
+
+    o_t = (q_t * e^{b_t}) S_prev + sum_{s <= t} [sum_i q_ti k_si e^{b_ti - b_si}] v_s
+    S_next = diag(e^{b_last}) S_prev + sum_s (k_s * e^{b_last - b_s})^T v_s
+
+Every exponent in the inter-chunk terms is <= 0, so they cannot overflow. The intra-chunk score
+``e^{b_t - b_s}`` (t >= s) is computed as a matmul by factoring it through a *reference point*
+``r`` of the query's sub-block: ``(q_t e^{b_t - b_r}) . (k_s e^{b_r - b_s})``. With ``r`` at the
+start of the query's sub-block, the query factor is <= 1 and the key factor is <= 1 for every key
+before the sub-block, and at most ``e^{spread}`` for keys inside it, where ``spread`` is the
+decay accumulated over the sub-block. Products of floats keep their relative precision, so this
+is exactly as accurate as the elementwise form as long as nothing overflows or underflows, which
+we guarantee by choosing the sub-block size per segment: the largest of
+``chunk_size, chunk_size / 2, ... , 2`` (powers of two dividing it) whose spread is at most
+``log(float max) / 4`` (22 in float32, 177 in float64), falling back to sub-blocks of 1
+position, where the reference is the query itself and every factor is <= 1 (the elementwise
+log-space form, always safe, O(C^2 d) memory per chunk). This generalises the secondary chunking
+of the GLA paper (Yang et al., 2023): its inter-sub-chunk blocks use the same reference points,
+and its intra-sub-chunk blocks are our fallback. With the gates GLA uses (``logsigmoid(x) / 16``)
+a chunk of 64 decays by far less than e^-22, so the whole chunk is one sub-block (reference at
+the chunk start, ``q e^{b}`` doubling as the inter-chunk query) and costs no more than
+ungated linear attention plus a few elementwise passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gla_chunk", "linear_chunk"]
+
+# Bytes of q/k/v (all batch and heads together) handled per segment.
+_SEGMENT_BYTES = 1 << 20
+
+
+def _segment_len(x: torch.Tensor, width: int, chunk_size: int) -> int:
+    """Positions per segment: a multiple of chunk_size with about _SEGMENT_BYTES of inputs."""
+    per_position = x.shape[0] * x.shape[1] * width * x.element_size()
+    return max(1, _SEGMENT_BYTES // (per_position * chunk_size)) * chunk_size
+
+
+def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 2 (positions) of ``x`` up to ``length``."""
+    if x.shape[2] == length:
+        return x
+    return F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(batch, heads, n, d) -> (batch, heads, n_chunks, chunk_size, d), padding the last chunk."""
+    n_chunks = -(-x.shape[2] // chunk_size)
+    return _pad_positions(x, n_chunks * chunk_size).unflatten(2, (n_chunks, chunk_size))
+
+
+# --------------------------------------------------------------------------------------------
+# linear attention (no decay)
+
+
+def linear_chunk(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    values: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    causal: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise linear attention on feature-mapped inputs.
+
+    fq: (batch, heads, n, feat_dim) with n == k_len when causal (a longer key prefix has been
+    folded into ``state``); fk: (batch, heads, k_len, feat_dim); values: (batch, heads, k_len, e);
+    state: (batch, heads, feat_dim, e). Returns out (batch, heads, n, e) and the final state.
+    """
+    if not causal:  # every query sees every key: one state for all
+        state = state + fk.transpose(-1, -2) @ values
+        return fq @ state, state
+    n = fk.shape[2]
+    segment = _segment_len(fk, fk.shape[-1] * 2 + values.shape[-1], chunk_size)
+    outputs = []
+    for start in range(0, n, segment):
+        stop = min(start + segment, n)
+        out, state = _linear_segment(
+            fq[:, :, start:stop], fk[:, :, start:stop], values[:, :, start:stop], state,
+            chunk_size)
+        outputs.append(out)
+    if not outputs:
+        return fq.new_zeros(*fq.shape[:3], values.shape[-1]), state
+    return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
+
+
+def _linear_segment(
+    fq: torch.Tensor, fk: torch.Tensor, values: torch.Tensor, state: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    length = fq.shape[2]
+    qc, kc, vc = (_chunked(x, chunk_size) for x in (fq, fk, values))  # (b, h, N, C, .)
+    scores = (qc @ kc.transpose(-1, -2)).tril_()  # causal inside each chunk
+    per_chunk = kc.transpose(-1, -2) @ vc  # (b, h, N, f, e): what each chunk adds to the state
+    through = per_chunk.cumsum(dim=2)  # state after each chunk (minus the initial one)
+    before = torch.cat([torch.zeros_like(through[:, :, :1]), through[:, :, :-1]], dim=2)
+    before = before + state.unsqueeze(2)  # state each chunk starts from
+    out = scores @ vc + qc @ before
+    return out.flatten(2, 3)[:, :, :length], state + through[:, :, -1]
+
+
+# --------------------------------------------------------------------------------------------
+# gated linear attention
+
+
+def _spread_limit(dtype: torch.dtype) -> float:
+    """Largest decay (in log space) a factor may undo: e^{+-limit} stays far from overflow and
+    underflow, with room for the q and k magnitudes."""
+    return math.log(torch.finfo(dtype).max) / 4
+
+
+def sub_chunk_candidates(chunk_size: int, requested: int | None) -> list[int]:
+    """Sub-block sizes to try, largest first: the requested one (or the chunk and its
+    power-of-two divisors), then 1 (always safe)."""
+    if requested is not None:
+        return [requested] if requested == 1 else [requested, 1]
+    sizes = [chunk_size]
+    size = 1 << (chunk_size.bit_length() - 1)
+    while size > 1:
+        if size < chunk_size and chunk_size % size == 0:
+            sizes.append(size)
+        size //= 2
+    return sizes if sizes[-1] == 1 else [*sizes, 1]
+
+
+def choose_sub_chunk(within: torch.Tensor, candidates: list[int]) -> int:
+    """The first candidate sub-block size whose factors stay in range.
+
+    within: (..., C, key_dim), the cumulative log decay from each chunk's start (inclusive).
+    """
+    chunk_size = within.shape[-2]
+    limit = _spread_limit(within.dtype)
+    within = within.detach()
+    for size in candidates:
+        if size == 1:
+            return 1
+        if size == chunk_size:  # reference just before the chunk (log decay 0)
+            spread = -within[..., -1, :]
+        else:  # reference at each sub-block's first position
+            blocks = within.unflatten(-2, (chunk_size // size, size))
+            spread = blocks[..., 0, :] - blocks[..., -1, :]
+        if spread.numel() == 0 or spread.max().item() <= limit:
+            return size
+    return 1
+
+
+def decayed_chunk_scores(
+    qc: torch.Tensor, kc: torch.Tensor, within: torch.Tensor, sub_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The intra-chunk part of GLA, stably (see the module docstring).
+
+    qc, kc, within: (..., C, key_dim), ``within`` the cumulative log decay from the chunk start.
+    Returns ``scores`` (..., C, C), lower triangular: ``scores[t, s] = sum_i q_ti k_si
+    e^{within_ti - within_si}``; ``q_inter = q e^{within}`` (reads the state the chunk starts
+    from); ``k_state = k e^{within_last - within}`` (writes the state it ends with).
+    """
+    chunk_size = within.shape[-2]
+    last = within[..., -1:, :]
+    if sub_chunk == chunk_size:
+        # One sub-block, referenced just before the chunk: q e^{b} <= 1 |q|, k e^{-b} <= e^{spread}.
+        q_inter = qc * within.exp()
+        k_inv = kc * torch.exp(-within)
+        scores = (q_inter @ k_inv.transpose(-1, -2)).tril_()
+        return scores, q_inter, k_inv * last.exp()
+    n_sub = chunk_size // sub_chunk
+    blocks = within.unflatten(-2, (n_sub, sub_chunk))  # (..., J, c, dk)
+    reference = blocks[..., :1, :]  # (..., J, 1, dk): log decay at each sub-block's start
+    q_rel = qc.unflatten(-2, (n_sub, sub_chunk)) * (blocks - reference).exp()
+    # Key s seen from sub-block j: e^{b_ref(j) - b_s}; keys after sub-block j are never used,
+    # and are set to e^{-inf} = 0 before exponentiating so they cannot overflow.
+    positions = torch.arange(chunk_size, device=qc.device)
+    block_ends = torch.arange(1, n_sub + 1, device=qc.device) * sub_chunk
+    after = (positions >= block_ends[:, None])[:, :, None]  # (J, C, 1)
+    exponent = (reference - within.unsqueeze(-3)).masked_fill(after, float("-inf"))
+    k_rel = kc.unsqueeze(-3) * exponent.exp()  # (..., J, C, dk)
+    scores = (q_rel @ k_rel.transpose(-1, -2)).flatten(-3, -2).tril_()  # (..., C, C)
+    return scores, qc * within.exp(), kc * (last - within).exp()
+
+
+def gla_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    chunk_size: int,
+    sub_chunk_size: int | None = None,
+    segment: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise GLA.
+
+    q (already scaled), k, log_decay: (batch, heads, n, key_dim); v: (batch, heads, n,
+    value_dim); state: (batch, heads, key_dim, value_dim). ``segment`` positions are handled per
+    batched step (None: about 1 MiB of inputs). Returns out (batch, heads, n, value_dim) and the
+    final state.
+    """
+    n = k.shape[2]
+    if segment is None:
+        segment = _segment_len(k, 3 * k.shape[-1] + v.shape[-1], chunk_size)
+    candidates = sub_chunk_candidates(chunk_size, sub_chunk_size)
+    outputs = []
+    for start in range(0, n, segment):
+        stop = min(start + segment, n)
+        out, state = _gla_segment(
+            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
+            log_decay[:, :, start:stop], state, chunk_size, candidates)
+        outputs.append(out)
+    if not outputs:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), state
+    return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
+
+
+def _gla_segment(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor,
+    chunk_size: int,
+    candidates: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    length = q.shape[2]
+    # Padded positions have k = 0 and log decay 0: they change neither the state nor the scores.
+    qc, kc, vc, gc = (_chunked(x, chunk_size) for x in (q, k, v, log_decay))
+    within = gc.cumsum(dim=-2)  # (b, h, N, C, dk): log decay from the chunk start
+    sub_chunk = choose_sub_chunk(within, candidates)
+    scores, q_inter, k_state = decayed_chunk_scores(qc, kc, within, sub_chunk)
+    chunk_decay = within[:, :, :, -1, :, None].exp()  # (b, h, N, dk, 1)
+    per_chunk = k_state.transpose(-1, -2) @ vc  # (b, h, N, dk, dv)
+    # The decayed state recurrence is sequential over chunks (a cumulative product in linear
+    # space would overflow); it touches only (dk x dv) per chunk.
+    starts = []
+    for index in range(qc.shape[2]):
+        starts.append(state)
+        state = state * chunk_decay[:, :, index] + per_chunk[:, :, index]
+    out = scores @ vc + q_inter @ torch.stack(starts, dim=2)
+    return out.flatten(2, 3)[:, :, :length], state
