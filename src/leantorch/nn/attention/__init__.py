@@ -1,0 +1,43 @@
+"""Attention modules: ``Attention`` with eight kinds (exact, sliding, block-sparse, top-k, MLA,
+linear, gated linear, Based), rotary embeddings, GQA/MQA, a static or dynamic ``KVCache`` with a
+decode ``step()`` for every kind, KV-cache eviction (StreamingLLM, SnapKV, H2O), and the exact
+GQA -> MLA conversion. See docs/attention_module.md.
+"""
+
+from leantorch.nn.attention.attention import EVICTABLE_KINDS, KINDS, Attention
+from leantorch.nn.attention.cache import KVBuffer, KVCache, LayerCache, kv_bytes_per_token
+from leantorch.nn.attention.eviction import (
+    EvictionPolicy,
+    HeavyHitters,
+    SnapKV,
+    StreamingLLM,
+    attention_votes,
+    heavy_hitter_indices,
+    snapkv_indices,
+    streaming_indices,
+)
+from leantorch.nn.attention.mla import FoldedMLA, fold_mla_weights, gqa_to_mla
+from leantorch.nn.attention.rotary import RotaryEmbedding, rotate_half
+
+__all__ = [
+    "EVICTABLE_KINDS",
+    "KINDS",
+    "Attention",
+    "EvictionPolicy",
+    "FoldedMLA",
+    "HeavyHitters",
+    "KVBuffer",
+    "KVCache",
+    "LayerCache",
+    "RotaryEmbedding",
+    "SnapKV",
+    "StreamingLLM",
+    "attention_votes",
+    "fold_mla_weights",
+    "gqa_to_mla",
+    "heavy_hitter_indices",
+    "kv_bytes_per_token",
+    "rotate_half",
+    "snapkv_indices",
+    "streaming_indices",
+]

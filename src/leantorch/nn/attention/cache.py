@@ -1,0 +1,307 @@
+"""The KV cache: what an :class:`~leantorch.nn.attention.Attention` layer keeps between decoding
+steps, per layer.
+
+* softmax kinds (``exact``, ``topk``, ``block_sparse``): keys and values ``(batch, kv_heads, L,
+  head_dim)``, growing by one entry per token;
+* ``sliding``: the last ``window - 1`` keys and values (all a new token can see besides itself);
+* ``mla``: the latent ``c = x W_DKV`` and the decoupled RoPE key, one ``(batch, 1, L,
+  kv_lora_rank + rope_dim)`` tensor shared by all heads;
+* ``linear`` / ``gla``: the recurrent state, whose size does not depend on L;
+* ``based``: the linear heads' state plus the window heads' last ``window - 1`` keys and values.
+
+Keys are cached **after** the rotary embedding, so each entry keeps the position it was written
+at; new tokens get position ``seen_tokens`` (tokens written so far), never the number of entries
+held, so evicting entries never shifts the positions of later tokens.
+
+A cache is *static* (``KVCache.static(max_len)``: each layer's buffers are allocated once, at
+their first write, with room for ``max_len`` entries, and writing past it raises) or *dynamic*
+(``KVCache.dynamic()``: buffers grow by doubling, so appending a token is amortised O(1)). An
+optional eviction policy (:mod:`leantorch.nn.attention.eviction`) bounds the entries kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from leantorch.errors import LeanError, LeanTypeError, describe
+
+if TYPE_CHECKING:
+    from leantorch.nn.attention.eviction import EvictionPolicy
+
+__all__ = ["KVBuffer", "KVCache", "LayerCache", "kv_bytes_per_token"]
+
+
+def kv_bytes_per_token(
+    *,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    value_dim: int | None = None,
+    latent_dim: int | None = None,
+    rope_dim: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes of KV cache one token adds to one layer (batch 1).
+
+    MHA / GQA / MQA (``num_kv_heads``, ``head_dim``, optional ``value_dim``):
+    ``num_kv_heads * (head_dim + value_dim) * itemsize``, i.e. ``2 * kv_heads * head_dim *
+    bytes`` when values are as wide as keys. MLA (``latent_dim``, ``rope_dim``):
+    ``(latent_dim + rope_dim) * itemsize``.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if latent_dim is not None:
+        if num_kv_heads is not None or head_dim is not None:
+            raise LeanError("kv_bytes_per_token: pass either latent_dim (MLA) or num_kv_heads and "
+                            f"head_dim, not both (got latent_dim={latent_dim}, "
+                            f"num_kv_heads={num_kv_heads}, head_dim={head_dim})")
+        return (latent_dim + rope_dim) * itemsize
+    if num_kv_heads is None or head_dim is None:
+        raise LeanError(f"kv_bytes_per_token: num_kv_heads={num_kv_heads}, head_dim={head_dim}; "
+                        "both are needed (or latent_dim for MLA)")
+    value_dim = head_dim if value_dim is None else value_dim
+    return num_kv_heads * (head_dim + value_dim) * itemsize
+
+
+@dataclass
+class KVBuffer:
+    """Cached entries of one layer: ``keys (batch, heads, L, key_dim)``, ``values (batch, heads,
+    L, value_dim)`` (None when values are a slice of the keys, as MLA's latent), the absolute
+    ``positions (batch, heads, L)`` of the entries and, for heavy-hitter eviction, their
+    accumulated attention ``scores (batch, heads, L)``. Storage may be longer than ``length``
+    (preallocated or grown by doubling); only the first ``length`` entries are valid."""
+
+    max_len: int | None  # None: grows; an int: fixed capacity
+    length: int = 0
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    positions: Tensor | None = None
+    scores: Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _reserve(self, needed: int, keys: Tensor, values: Tensor | None) -> None:
+        """Make room for ``needed`` entries, keeping the valid ones."""
+        if needed <= self.capacity:
+            return
+        if self.max_len is not None:
+            if self.keys is not None or needed > self.max_len:
+                raise LeanError(f"KVCache: {needed} entries needed in a layer; the static cache "
+                                f"holds max_len={self.max_len}; use a larger max_len, "
+                                "KVCache.dynamic() or an eviction policy")
+            capacity = self.max_len
+        else:
+            capacity = max(needed, 2 * self.capacity, 16)
+
+        def grown(old: Tensor | None, like: Tensor) -> Tensor:
+            shape = (*like.shape[:2], capacity, *like.shape[3:])
+            new = like.new_empty(shape)
+            if old is not None and self.length:
+                new[:, :, : self.length] = old[:, :, : self.length]
+            return new
+
+        self.keys = grown(self.keys, keys)
+        if values is not None:
+            self.values = grown(self.values, values)
+        self.positions = self._grown_index(capacity, keys)
+        if self.scores is not None:
+            old = self.scores
+            self.scores = keys.new_zeros((*keys.shape[:2], capacity), dtype=old.dtype)
+            self.scores[:, :, : self.length] = old[:, :, : self.length]
+
+    def _grown_index(self, capacity: int, keys: Tensor) -> Tensor:
+        new = torch.empty((*keys.shape[:2], capacity), dtype=torch.long, device=keys.device)
+        if self.positions is not None and self.length:
+            new[:, :, : self.length] = self.positions[:, :, : self.length]
+        return new
+
+    def _check(self, keys: Tensor) -> None:
+        if self.keys is not None and (keys.shape[:2] != self.keys.shape[:2]
+                                      or keys.shape[3:] != self.keys.shape[3:]
+                                      or keys.dtype != self.keys.dtype):
+            raise LeanError(f"KVCache: new keys of shape {tuple(keys.shape)} ({keys.dtype}) do "
+                            f"not fit the cached {tuple(self.keys.shape)} ({self.keys.dtype}); "
+                            "use one cache per model and batch (cache.reset() to start over)")
+
+    def append(self, keys: Tensor, values: Tensor | None, positions: Tensor) -> None:
+        """Write ``keys (batch, heads, n, key_dim)`` (and values) after the valid entries;
+        ``positions`` broadcastable to ``(batch, heads, n)``."""
+        self._check(keys)
+        n = keys.shape[2]
+        self._reserve(self.length + n, keys, values)
+        end = self.length + n
+        self.keys[:, :, self.length:end] = keys
+        if values is not None:
+            self.values[:, :, self.length:end] = values
+        self.positions[:, :, self.length:end] = positions
+        if self.scores is not None:
+            self.scores[:, :, self.length:end] = 0
+        self.length = end
+
+    def replace(self, keys: Tensor, values: Tensor | None, positions: Tensor,
+                scores: Tensor | None = None) -> None:
+        """Make ``keys`` (and values, positions, scores) the whole content."""
+        self._check(keys)
+        n = keys.shape[2]
+        self.length = 0  # nothing to keep while reserving
+        self._reserve(n, keys, values)
+        self.keys[:, :, :n] = keys
+        if values is not None:
+            self.values[:, :, :n] = values
+        self.positions[:, :, :n] = positions
+        if scores is not None:
+            if self.scores is None or self.scores.shape[2] < self.capacity:
+                self.scores = scores.new_zeros((*keys.shape[:2], self.capacity))
+            self.scores[:, :, :n] = scores
+        self.length = n
+
+    def view(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(keys, values, positions)`` of the valid entries (views, no copy)."""
+        if self.keys is None:
+            return None, None, None
+        end = self.length
+        values = None if self.values is None else self.values[:, :, :end]
+        return self.keys[:, :, :end], values, self.positions[:, :, :end]
+
+    def valid_scores(self) -> Tensor | None:
+        return None if self.scores is None else self.scores[:, :, : self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of the valid keys and values (positions and scores are bookkeeping, see
+        :meth:`metadata_nbytes`)."""
+        keys, values, _ = self.view()
+        if keys is None:
+            return 0
+        total = keys.numel() * keys.element_size()
+        if values is not None:
+            total += values.numel() * values.element_size()
+        return total
+
+    def metadata_nbytes(self) -> int:
+        _, _, positions = self.view()
+        total = 0 if positions is None else positions.numel() * positions.element_size()
+        scores = self.valid_scores()
+        return total + (0 if scores is None else scores.numel() * scores.element_size())
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of the key/value storage, including preallocated room not yet used."""
+        total = 0
+        for tensor in (self.keys, self.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+
+@dataclass
+class LayerCache:
+    """One layer's cache: ``kv`` (KV or latent entries, or None), ``state`` (the recurrent state of
+    linear kinds, or None) and ``seen`` (tokens written so far: the next token's position)."""
+
+    kv: KVBuffer | None = None
+    state: Any = None
+    seen: int = 0
+    kind: str | None = None
+
+    def state_nbytes(self) -> int:
+        tensors = [self.state] if isinstance(self.state, Tensor) else list(self.state or ())
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+    def nbytes(self) -> int:
+        return (0 if self.kv is None else self.kv.nbytes()) + self.state_nbytes()
+
+
+@dataclass
+class KVCache:
+    """Per-layer caches for decoding, keyed by each layer's ``layer_idx``.
+
+    Args:
+        max_len: None for a dynamic cache (grows), or the entries each layer may hold (static:
+            preallocated at the first write of each layer).
+        policy: an eviction policy (``StreamingLLM``, ``SnapKV``, ``HeavyHitters``) applied to
+            the layers of kinds ``exact``, ``topk`` and ``mla``, or None. Layers whose cache is
+            bounded already (``sliding``, ``linear``, ``gla``, ``based``) ignore it;
+            ``block_sparse`` layers refuse it (their block pattern needs every position).
+
+    Use one cache per sequence batch; ``Attention.forward(x, cache=cache)`` prefills it and
+    ``Attention.step(x_t, cache)`` decodes one token.
+    """
+
+    max_len: int | None = None
+    policy: EvictionPolicy | None = None
+    layers: dict[int, LayerCache] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_len is not None and (
+                isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
+                or self.max_len <= 0):
+            raise LeanError(f"KVCache: max_len={describe(self.max_len)}; expected a positive int "
+                            "(static) or None (dynamic)")
+        if self.policy is not None:
+            from leantorch.nn.attention.eviction import EvictionPolicy
+
+            if not isinstance(self.policy, EvictionPolicy):
+                raise LeanTypeError(f"KVCache: policy={describe(self.policy)}; expected an "
+                                    "EvictionPolicy (StreamingLLM, SnapKV, HeavyHitters) or None")
+
+    @classmethod
+    def static(cls, max_len: int, policy: EvictionPolicy | None = None) -> KVCache:
+        """A cache whose layers preallocate ``max_len`` entries."""
+        return cls(max_len=max_len, policy=policy)
+
+    @classmethod
+    def dynamic(cls, policy: EvictionPolicy | None = None) -> KVCache:
+        """A cache whose layers grow as tokens arrive."""
+        return cls(max_len=None, policy=policy)
+
+    @property
+    def is_static(self) -> bool:
+        return self.max_len is not None
+
+    def layer(self, layer_idx: int) -> LayerCache:
+        """The cache of layer ``layer_idx`` (created empty on first use)."""
+        if layer_idx not in self.layers:
+            self.layers[layer_idx] = LayerCache()
+        return self.layers[layer_idx]
+
+    def new_buffer(self, bound: int | None = None) -> KVBuffer:
+        """A KV buffer for one layer; ``bound`` caps a static buffer's room (sliding windows,
+        bounded eviction) below ``max_len``."""
+        max_len = self.max_len
+        if max_len is not None and bound is not None:
+            max_len = max(1, min(max_len, bound))
+        return KVBuffer(max_len=max_len)
+
+    def seen_tokens(self, layer_idx: int = 0) -> int:
+        """Tokens written to layer ``layer_idx`` so far (the position of the next one)."""
+        return self.layers[layer_idx].seen if layer_idx in self.layers else 0
+
+    def length(self, layer_idx: int = 0) -> int:
+        """Entries (per head) that layer ``layer_idx`` holds; 0 for a purely recurrent layer."""
+        entry = self.layers.get(layer_idx)
+        return 0 if entry is None or entry.kv is None else entry.kv.length
+
+    def positions(self, layer_idx: int = 0) -> Tensor | None:
+        """``(batch, heads, length)`` absolute positions of the entries of layer ``layer_idx``."""
+        entry = self.layers.get(layer_idx)
+        return None if entry is None or entry.kv is None else entry.kv.view()[2]
+
+    def nbytes(self) -> int:
+        """Bytes of cached keys, values, latents and recurrent states, all layers."""
+        return sum(entry.nbytes() for entry in self.layers.values())
+
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated, including the unused room of static or grown buffers."""
+        return sum((0 if e.kv is None else e.kv.allocated_nbytes()) + e.state_nbytes()
+                   for e in self.layers.values())
+
+    def reset(self) -> None:
+        """Forget every layer (start a new sequence)."""
+        self.layers.clear()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.layers))
