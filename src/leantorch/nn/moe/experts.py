@@ -1,0 +1,156 @@
+"""Expert weights stored stacked, and the dense FFN they generalise.
+
+``StackedExperts`` holds ``E`` FFN experts as three-dimensional tensors (``w_in (E, dim,
+hidden)``, ``2 * hidden`` when gated, and ``w_out (E, hidden, dim)``) and runs them on rows that
+are already grouped by expert (:mod:`leantorch.ops.moe.dispatch`). ``FeedForward`` is the same
+FFN with one expert and no routing: the shared expert of a layer, and the dense limit the routed
+layer is measured against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from leantorch.errors import LeanError, describe
+from leantorch.ops.moe.dispatch import BACKENDS, activation_fn, expert_mlp
+from leantorch.serialize import register_module
+
+__all__ = ["FeedForward", "StackedExperts"]
+
+
+def _positive(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LeanError(f"{owner}: {name} must be a positive integer, got {describe(value)}")
+    return value
+
+
+@register_module(name="leantorch.StackedExperts")
+class StackedExperts(nn.Module):
+    """``num_experts`` FFN experts in stacked tensors.
+
+    Args:
+        num_experts: E.
+        dim: model width (expert input and output).
+        hidden: each expert's hidden width.
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``.
+        gated: GLU expert ``act(x W_gate) * (x W_up)`` (SwiGLU with silu, GeGLU with gelu).
+        bias: biases on both projections (BERT / GPT-2 style FFNs have them).
+        backend: grouped-matmul backend, ``"auto"``, ``"loop"`` or ``"grouped_mm"``.
+
+    ``forward(rows, counts)``: ``rows (S, dim)`` grouped by expert, ``counts (E,)`` rows per
+    expert -> ``(S, dim)``.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "silu",
+                 gated: bool = True, bias: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.num_experts = _positive("StackedExperts", "num_experts", num_experts)
+        self.dim = _positive("StackedExperts", "dim", dim)
+        self.hidden = _positive("StackedExperts", "hidden", hidden)
+        activation_fn(activation)
+        if backend not in BACKENDS:
+            raise LeanError(f"StackedExperts: backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {backend!r}")
+        self.activation, self.gated, self.backend = activation, bool(gated), backend
+        width = hidden * (2 if gated else 1)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b_in = nn.Parameter(torch.empty(num_experts, width)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default: uniform in +-1/sqrt(fan_in), per expert
+        with torch.no_grad():
+            for weight, fan_in in ((self.w_in, self.dim), (self.w_out, self.hidden)):
+                weight.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            for b, fan_in in ((self.b_in, self.dim), (self.b_out, self.hidden)):
+                if b is not None:
+                    b.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def spec(self) -> dict[str, Any]:
+        return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden,
+                "activation": self.activation, "gated": self.gated,
+                "bias": self.b_in is not None, "backend": self.backend}
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+                f"activation={self.activation}, gated={self.gated}, "
+                f"bias={self.b_in is not None}, backend={self.backend}")
+
+    @property
+    def params_per_expert(self) -> int:
+        per = self.w_in[0].numel() + self.w_out[0].numel()
+        if self.b_in is not None:
+            per += self.b_in.shape[1] + self.b_out.shape[1]
+        return per
+
+    def forward(self, rows: Tensor, counts: Tensor,
+                counts_list: list[int] | None = None) -> Tensor:
+        return expert_mlp(rows, counts, self.w_in, self.w_out, self.b_in, self.b_out,
+                          activation=self.activation, gated=self.gated, backend=self.backend,
+                          counts_list=counts_list)
+
+    def expert(self, e: int) -> FeedForward:
+        """Expert ``e`` as a dense :class:`FeedForward` (a copy)."""
+        ffn = FeedForward(self.dim, self.hidden, self.activation, self.gated,
+                          bias=self.b_in is not None)
+        ffn = ffn.to(device=self.w_in.device, dtype=self.w_in.dtype)
+        with torch.no_grad():
+            ffn.w_in.copy_(self.w_in[e])
+            ffn.w_out.copy_(self.w_out[e])
+            if self.b_in is not None:
+                ffn.b_in.copy_(self.b_in[e])
+                ffn.b_out.copy_(self.b_out[e])
+        return ffn
+
+
+@register_module(name="leantorch.FeedForward")
+class FeedForward(nn.Module):
+    """A dense FFN ``act(x @ w_in + b_in) @ w_out + b_out`` (gated: ``act(x W_gate) *
+    (x W_up)``), weights laid out like one expert of :class:`StackedExperts`.
+    ``x (..., dim)`` -> ``(..., dim)``."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "silu", gated: bool = True,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.dim = _positive("FeedForward", "dim", dim)
+        self.hidden = _positive("FeedForward", "hidden", hidden)
+        self.act = activation_fn(activation)
+        self.activation, self.gated = activation, bool(gated)
+        width = hidden * (2 if gated else 1)
+        self.w_in = nn.Parameter(torch.empty(dim, width))
+        self.w_out = nn.Parameter(torch.empty(hidden, dim))
+        self.b_in = nn.Parameter(torch.empty(width)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(dim)) if bias else None
+        with torch.no_grad():
+            self.w_in.uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim))
+            self.w_out.uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+            if bias:
+                self.b_in.uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim))
+                self.b_out.uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+
+    def spec(self) -> dict[str, Any]:
+        return {"dim": self.dim, "hidden": self.hidden, "activation": self.activation,
+                "gated": self.gated, "bias": self.b_in is not None}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden={self.hidden}, activation={self.activation}, "
+                f"gated={self.gated}, bias={self.b_in is not None}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x @ self.w_in if self.b_in is None else torch.addmm(
+            self.b_in, x.reshape(-1, self.dim), self.w_in).reshape(*x.shape[:-1], -1)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        if self.b_out is None:
+            return h @ self.w_out
+        return torch.addmm(self.b_out, h.reshape(-1, self.hidden),
+                           self.w_out).reshape(*x.shape[:-1], self.dim)
