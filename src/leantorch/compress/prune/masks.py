@@ -73,6 +73,8 @@ class WeightMask(nn.Module):
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out)."""
     cls = type(module)
+    if parametrize.is_parametrized(module):  # parametrize swaps in a subclass of the class
+        cls = cls.__bases__[0]
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
