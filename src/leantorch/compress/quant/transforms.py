@@ -1,0 +1,417 @@
+"""Quantization transforms, registered by name for recipes:
+
+=====================  ==================================================================
+``quant.int8_dynamic``  Linear -> :class:`Int8DynamicLinear` (int8 weights per channel, int8
+                        activations per token, int32 accumulation)
+``quant.int8_weight``   Linear -> :class:`WeightOnlyLinear` (8-bit, ``group_size``, symmetric
+                        by default)
+``quant.int4_weight``   Linear -> :class:`WeightOnlyLinear` (4-bit packed, ``group_size`` 128,
+                        asymmetric by default)
+``quant.llm_int8``      Linear -> :class:`LLMInt8Linear` (outlier features above
+                        ``threshold`` in float)
+``quant.fake``          Linear -> :class:`FakeQuantLinear` (QAT: ``scheme`` int8_dynamic,
+                        int8_weight, int4_weight or ternary)
+``quant.convert``       FakeQuantLinear -> the real module of its scheme
+=====================  ==================================================================
+
+Every transform copies the model unless ``inplace=True``, selects layers with ``include`` /
+``exclude`` globs over module paths, and reports in ``Change.skipped`` the selected layers it
+left alone and why (a weight tied to another module, a group size that does not divide the
+input features, a Linear subclass whose owner reads ``.weight`` directly, GPT-2's ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from leantorch.compress.change import (
+    Change,
+    _as_call,
+    apply_transform,
+    replace_module,
+    select_modules,
+)
+from leantorch.compress.quant.modules import (
+    FakeQuantLinear,
+    Int8DynamicLinear,
+    LLMInt8Linear,
+    TernaryLinear,
+    WeightOnlyLinear,
+    check_activation_bits,
+    check_scheme,
+    group_size_problem,
+)
+from leantorch.compress.registry import register_transform
+from leantorch.errors import LeanError, LeanTypeError, describe
+
+__all__ = [
+    "convert",
+    "fake_quantize",
+    "int4_weight",
+    "int8_dynamic",
+    "int8_weight",
+    "llm_int8",
+]
+
+Patterns = str | Sequence[str] | None
+QUANTIZED = (Int8DynamicLinear, WeightOnlyLinear, TernaryLinear)
+
+
+# --------------------------------------------------------------------------- helpers
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own parameters and buffers, bias excluded (the weight's storage)."""
+    tensors = [t for n, t in list(module.named_parameters(recurse=False))
+               + list(module.named_buffers(recurse=False)) if t is not None and n != "bias"]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every dotted name it is reachable under (tied weights have several)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _stored_weight(module: nn.Linear) -> torch.Tensor:
+    """The Parameter behind ``module.weight`` (the original under a parametrization)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def _skip_reason(path: str, module: nn.Linear, owners: dict[int, list[str]]) -> str | None:
+    plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    if plain_type is not nn.Linear:
+        return (f"{plain_type.__name__} subclasses nn.Linear and its owner may read .weight "
+                "directly (nn.MultiheadAttention does); only plain nn.Linear is replaced")
+    stored = _stored_weight(module)
+    if not stored.is_floating_point():
+        return f"weight dtype {stored.dtype} is not floating point"
+    if stored.is_meta:
+        return "weight is on the meta device (no values to quantize)"
+    names = owners.get(id(stored), [])
+    if len(names) > 1:
+        others = [n for n in names if not n.startswith(f"{path}.")]
+        return (f"weight is tied to {', '.join(others) or 'another module'}: quantizing it here "
+                "would store a second copy")
+    return None
+
+
+def _is_gpt2_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _quantize_linears(
+    name: str,
+    model: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    *,
+    params: dict[str, Any],
+    include: Patterns,
+    exclude: Patterns,
+    inplace: bool,
+    example_inputs: Any,
+    layer_problem: Callable[[nn.Linear], str | None] | None = None,
+    finish: Callable[[nn.Module, Change], None] | None = None,
+) -> tuple[nn.Module, Change]:
+    """Replace every selected Linear by ``make(linear)``; the shared body of the transforms."""
+
+    def edit(target: nn.Module, change: Change) -> None:
+        owners = _weight_owners(target)
+        before = after = 0
+        for path, module in select_modules(target, nn.Module, include, exclude):
+            if _is_gpt2_conv1d(module):
+                change.skipped[path] = ("transformers Conv1D (GPT-2 style, weight stored in x "
+                                        "out) is not an nn.Linear; left in float")
+                continue
+            if not isinstance(module, nn.Linear):
+                continue
+            reason = _skip_reason(path, module, owners)
+            if reason is None and layer_problem is not None:
+                reason = layer_problem(module)
+            if reason is not None:
+                change.skipped[path] = reason
+                continue
+            new = make(module)
+            before += module.weight.numel() * module.weight.element_size()
+            after += _tensor_bytes(new)
+            replace_module(target, path, new)
+            change.replaced.append(path)
+        change.details.update({
+            "layers_quantized": len(change.replaced),
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "weight_compression": round(before / after, 4) if after else None,
+        })
+        if finish is not None:
+            finish(target, change)
+
+    return apply_transform(name, model, edit, params=params, example_inputs=example_inputs,
+                           inplace=inplace)
+
+
+def _check_group_size(value: object, name: str = "group_size") -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LeanError(f"{name}={describe(value)}: expected a positive int (input features "
+                        "per scale) or None (one scale per output channel)")
+
+
+def _check_bool(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise LeanTypeError(f"{name}={describe(value)}: expected True or False")
+
+
+def _group_problem(bits: int, group_size: int | None) -> Callable[[nn.Linear], str | None]:
+    def problem(linear: nn.Linear) -> str | None:
+        size = linear.in_features if group_size is None else group_size
+        return group_size_problem(linear.in_features, bits, size)
+
+    return problem
+
+
+def integer_matmul_path(device: torch.device) -> str:
+    """Which integer matmul an int8 layer runs on ``device``."""
+    if device.type == "cpu":
+        return "torch._int_mm (cpu)"
+    if device.type == "cuda":
+        return "torch._int_mm (cuda; shapes it rejects are zero-padded, exact)"
+    return f"exact float32 fallback (no integer matmul on {device.type})"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+# --------------------------------------------------------------------------- transforms
+@register_transform("quant.int8_dynamic")
+def int8_dynamic(
+    model: nn.Module,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+) -> tuple[nn.Module, Change]:
+    """Replace Linear layers by :class:`Int8DynamicLinear`: per-output-channel symmetric int8
+    weights, per-token symmetric int8 activations computed at run time, int32 accumulation.
+
+    Returns ``(new_model, Change)``; ``Change.details["integer_matmul"]`` names the kernel."""
+
+    def finish(target: nn.Module, change: Change) -> None:
+        change.details["integer_matmul"] = integer_matmul_path(_model_device(target))
+
+    return _quantize_linears("quant.int8_dynamic", model, Int8DynamicLinear.from_linear,
+                             params={"include": include, "exclude": exclude}, include=include,
+                             exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+                             finish=finish)
+
+
+@register_transform("quant.int8_weight")
+def int8_weight(
+    model: nn.Module,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+) -> tuple[nn.Module, Change]:
+    """Replace Linear layers by 8-bit weight-only :class:`WeightOnlyLinear` (float
+    activations). ``group_size``: input features per scale (None: one scale per output
+    channel); ``symmetric``: codes in [-127, 127] times a scale, else [0, 255] times a scale
+    plus a float offset. Layers whose ``in_features`` the group size does not divide are
+    skipped."""
+    _check_group_size(group_size)
+    _check_bool(symmetric, "symmetric")
+    return _quantize_linears(
+        "quant.int8_weight", model,
+        lambda linear: WeightOnlyLinear.from_linear(linear, 8, group_size, symmetric),
+        params={"group_size": group_size, "symmetric": symmetric, "include": include,
+                "exclude": exclude},
+        include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+        layer_problem=_group_problem(8, group_size))
+
+
+@register_transform("quant.int4_weight")
+def int4_weight(
+    model: nn.Module,
+    *,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+) -> tuple[nn.Module, Change]:
+    """Replace Linear layers by 4-bit weight-only :class:`WeightOnlyLinear`, two codes per
+    byte. ``group_size``: input features per scale (default 128; None: per output channel);
+    ``symmetric`` False (default): codes 0..15 times a scale plus a float offset per group;
+    True: codes -7..7 times a scale."""
+    _check_group_size(group_size)
+    _check_bool(symmetric, "symmetric")
+    return _quantize_linears(
+        "quant.int4_weight", model,
+        lambda linear: WeightOnlyLinear.from_linear(linear, 4, group_size, symmetric),
+        params={"group_size": group_size, "symmetric": symmetric, "include": include,
+                "exclude": exclude},
+        include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+        layer_problem=_group_problem(4, group_size))
+
+
+def _run_inputs(model: nn.Module, batches: Sequence[Any]) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            args, kwargs = _as_call(batch)
+            model(*args, **kwargs)
+
+
+@register_transform("quant.llm_int8")
+def llm_int8(
+    model: nn.Module,
+    *,
+    threshold: float = 6.0,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+    calibration: Sequence[Any] | None = None,
+) -> tuple[nn.Module, Change]:
+    """Replace Linear layers by :class:`LLMInt8Linear` (LLM.int8(): input features with
+    ``|x| > threshold`` in the current batch stay in float, the rest run int8 x int8).
+
+    The fraction of input features (hence of MACs) kept in 8 bits depends on the data: it is
+    measured on ``calibration`` (a list of model inputs), else on ``example_inputs``, and
+    reported in ``Change.details["int8_fraction"]`` (overall) and
+    ``["int8_fraction_per_layer"]``; each module also keeps a running ``int8_fraction``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or \
+            not threshold > 0:
+        raise LeanError(f"threshold={describe(threshold)}: expected a positive number "
+                        "(activation magnitude above which a feature stays in float; "
+                        "LLM.int8() uses 6.0)")
+    threshold = float(threshold)
+
+    def finish(target: nn.Module, change: Change) -> None:
+        batches = list(calibration) if calibration else (
+            [example_inputs] if example_inputs is not None else [])
+        layers = {p: m for p, m in target.named_modules() if p in set(change.replaced)}
+        change.details["integer_matmul"] = integer_matmul_path(_model_device(target))
+        change.details["int8_fraction"] = None
+        if not batches:
+            change.details["int8_fraction_note"] = (
+                "no calibration or example inputs: read LLMInt8Linear.int8_fraction after "
+                "running data through the model")
+            return
+        _run_inputs(target, batches)
+        seen = sum(m.columns_seen for m in layers.values())
+        outliers = sum(m.outlier_columns_seen for m in layers.values())
+        change.details["int8_fraction"] = (1.0 - outliers / seen) if seen else None
+        change.details["int8_fraction_per_layer"] = {p: m.int8_fraction
+                                                     for p, m in layers.items()}
+        change.details["measured_on_batches"] = len(batches)
+        for m in layers.values():
+            m.reset_statistics()
+
+    new, change = _quantize_linears(
+        "quant.llm_int8", model,
+        lambda linear: LLMInt8Linear.from_linear(linear, threshold),
+        params={"threshold": threshold, "include": include, "exclude": exclude},
+        include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+        finish=finish)
+    for module in new.modules():  # the cost measurement after the edit ran the model again
+        if isinstance(module, LLMInt8Linear):
+            module.reset_statistics()
+    return new, change
+
+
+@register_transform("quant.fake")
+def fake_quantize(
+    model: nn.Module,
+    *,
+    scheme: str = "int8_dynamic",
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    activation_bits: int | None = 8,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+) -> tuple[nn.Module, Change]:
+    """Prepare for quantization-aware training: replace Linear layers by
+    :class:`FakeQuantLinear`, whose forward quantizes-dequantizes like the real module of
+    ``scheme`` and whose backward passes gradients straight through.
+
+    scheme: ``int8_dynamic`` | ``int8_weight`` | ``int4_weight`` | ``ternary`` (BitNet b1.58
+    absmean weights; ``activation_bits`` 8 (default, per-token int8 as in BitNet) or None).
+    group_size / symmetric: as in ``quant.int8_weight`` / ``quant.int4_weight`` (defaults:
+    per channel and symmetric for 8 bits, 128 and asymmetric for 4). Fine-tune, then
+    ``quant.convert`` makes the real quantized model."""
+    check_scheme(scheme)
+    _check_group_size(group_size)
+    if scheme == "int4_weight" and group_size is None:
+        group_size = 128
+    if symmetric is None:
+        symmetric = scheme != "int4_weight"
+    _check_bool(symmetric, "symmetric")
+    if scheme == "ternary":
+        check_activation_bits(activation_bits)
+    if scheme in ("int8_dynamic", "ternary") and group_size is not None:
+        granularity = "output channel" if scheme == "int8_dynamic" else "tensor"
+        raise LeanError(f"group_size={group_size} with scheme={scheme!r}, which uses one "
+                        f"weight scale per {granularity}; leave group_size=None")
+    if scheme == "int8_dynamic" and not symmetric:
+        raise LeanError("symmetric=False with scheme='int8_dynamic': int8 dynamic weights are "
+                        "symmetric; leave symmetric unset")
+    bits = 4 if scheme == "int4_weight" else 8
+    problem = _group_problem(bits, group_size) if scheme != "ternary" else None
+    return _quantize_linears(
+        "quant.fake", model,
+        lambda linear: FakeQuantLinear.from_linear(linear, scheme, group_size, symmetric,
+                                                   activation_bits),
+        params={"scheme": scheme, "group_size": group_size, "symmetric": symmetric,
+                "activation_bits": activation_bits if scheme == "ternary" else None,
+                "include": include, "exclude": exclude},
+        include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+        layer_problem=problem)
+
+
+@register_transform("quant.convert")
+def convert(
+    model: nn.Module,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+    example_inputs: Any = None,
+) -> tuple[nn.Module, Change]:
+    """Turn every selected :class:`FakeQuantLinear` into the real quantized module of its
+    scheme (quantized from its current, possibly fine-tuned, weight). Weight-only schemes give
+    bit-identical outputs; schemes with int8 activations differ only by float rounding (the
+    real module accumulates in int32)."""
+    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise LeanError("quant.convert: the model has no FakeQuantLinear layer; run quant.fake "
+                        "(and fine-tune) first, or use quant.int8_dynamic / quant.int8_weight / "
+                        "quant.int4_weight directly")
+
+    def edit(target: nn.Module, change: Change) -> None:
+        schemes: dict[str, int] = {}
+        for path, module in select_modules(target, FakeQuantLinear, include, exclude):
+            replace_module(target, path, module.to_quantized())
+            change.replaced.append(path)
+            schemes[module.scheme] = schemes.get(module.scheme, 0) + 1
+        change.details["schemes"] = schemes
+
+    return apply_transform("quant.convert", model, edit,
+                           params={"include": include, "exclude": exclude},
+                           example_inputs=example_inputs, inplace=inplace)
