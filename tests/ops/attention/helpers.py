@@ -43,3 +43,18 @@ def grads(out: Tensor, *inputs: Tensor, seed: int = 1) -> list[Tensor]:
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
                          dtype=out.dtype)
     return list(torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True))
+
+
+def saved_bytes(fn, *args, **kwargs) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn(*args, **kwargs)``
+    runs (inputs included)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return sum(storages.values())

@@ -7,5 +7,6 @@ Causal masks are bottom-right aligned: query i sees keys 0..k_len - q_len + i.
 """
 
 from leantorch.ops.attention.naive import naive_attention
+from leantorch.ops.attention.tiled import attention, tiled_attention
 
-__all__ = ["naive_attention"]
+__all__ = ["attention", "naive_attention", "tiled_attention"]
