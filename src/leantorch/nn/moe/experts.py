@@ -38,7 +38,8 @@ class StackedExperts(nn.Module):
         hidden: each expert's hidden width.
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``.
         gated: GLU expert ``act(x W_gate) * (x W_up)`` (SwiGLU with silu, GeGLU with gelu).
-        bias: biases on both projections (BERT / GPT-2 style FFNs have them).
+        bias: biases on both projections (BERT / GPT-2 style FFNs have them); ``"in"``: on
+            the input projection only (an exactly split FFN: its output bias is shared).
         backend: grouped-matmul backend, ``"auto"``, ``"loop"`` or ``"grouped_mm"``.
 
     ``forward(rows, counts)``: ``rows (S, dim)`` grouped by expert, ``counts (E,)`` rows per
@@ -46,7 +47,7 @@ class StackedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "silu",
-                 gated: bool = True, bias: bool = False, backend: str = "auto") -> None:
+                 gated: bool = True, bias: bool | str = False, backend: str = "auto") -> None:
         super().__init__()
         self.num_experts = _positive("StackedExperts", "num_experts", num_experts)
         self.dim = _positive("StackedExperts", "dim", dim)
@@ -55,12 +56,16 @@ class StackedExperts(nn.Module):
         if backend not in BACKENDS:
             raise LeanError(f"StackedExperts: backend must be one of {', '.join(BACKENDS)}, "
                             f"got {backend!r}")
+        if bias not in (True, False, "in"):
+            raise LeanError(f"StackedExperts: bias must be True, False or 'in', got "
+                            f"{describe(bias)}")
         self.activation, self.gated, self.backend = activation, bool(gated), backend
+        self.bias = bias
         width = hidden * (2 if gated else 1)
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b_in = nn.Parameter(torch.empty(num_experts, width)) if bias else None
-        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias is True else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,19 +79,20 @@ class StackedExperts(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden,
-                "activation": self.activation, "gated": self.gated,
-                "bias": self.b_in is not None, "backend": self.backend}
+                "activation": self.activation, "gated": self.gated, "bias": self.bias,
+                "backend": self.backend}
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
-                f"activation={self.activation}, gated={self.gated}, "
-                f"bias={self.b_in is not None}, backend={self.backend}")
+                f"activation={self.activation}, gated={self.gated}, bias={self.bias}, "
+                f"backend={self.backend}")
 
     @property
     def params_per_expert(self) -> int:
         per = self.w_in[0].numel() + self.w_out[0].numel()
-        if self.b_in is not None:
-            per += self.b_in.shape[1] + self.b_out.shape[1]
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                per += b.shape[1]
         return per
 
     def forward(self, rows: Tensor, counts: Tensor,
@@ -96,7 +102,7 @@ class StackedExperts(nn.Module):
                           counts_list=counts_list)
 
     def expert(self, e: int) -> FeedForward:
-        """Expert ``e`` as a dense :class:`FeedForward` (a copy)."""
+        """Expert ``e`` as a dense :class:`FeedForward` (a copy; a missing output bias is 0)."""
         ffn = FeedForward(self.dim, self.hidden, self.activation, self.gated,
                           bias=self.b_in is not None)
         ffn = ffn.to(device=self.w_in.device, dtype=self.w_in.dtype)
@@ -105,7 +111,7 @@ class StackedExperts(nn.Module):
             ffn.w_out.copy_(self.w_out[e])
             if self.b_in is not None:
                 ffn.b_in.copy_(self.b_in[e])
-                ffn.b_out.copy_(self.b_out[e])
+                ffn.b_out.copy_(self.b_out[e] if self.b_out is not None else 0)
         return ffn
 
 

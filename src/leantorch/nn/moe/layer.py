@@ -82,7 +82,8 @@ class MoE(nn.Module):
         num_experts: routed FFN experts E.
         k: experts per token.
         activation, gated, bias: the expert FFN (``gated=True, activation="silu"`` is SwiGLU,
-            ``"gelu"`` GeGLU; ``bias`` puts biases on both projections).
+            ``"gelu"`` GeGLU; ``bias`` puts biases on both projections, ``"in"`` on the input
+            projection only).
         output_bias: one bias added once to the layer output (what an exact split of a dense
             FFN with a down-projection bias needs).
         score, gates, routing, noisy, priority, router_bias, balance_bias_rate: the router
@@ -115,7 +116,7 @@ class MoE(nn.Module):
         *,
         activation: str = "silu",
         gated: bool = True,
-        bias: bool = False,
+        bias: bool | str = False,
         output_bias: bool = False,
         score: str = "softmax",
         gates: str = "renorm",
@@ -174,7 +175,7 @@ class MoE(nn.Module):
                              prev_experts=prev_experts, bias=router_bias,
                              balance_bias_rate=balance_bias_rate)
         self.experts = StackedExperts(num_experts, dim, hidden, activation, gated, bias, backend)
-        self.shared = (FeedForward(dim, self.shared_hidden, activation, gated, bias)
+        self.shared = (FeedForward(dim, self.shared_hidden, activation, gated, bool(bias))
                        if self.shared_hidden else None)
         self.output_bias = nn.Parameter(torch.zeros(dim)) if output_bias else None
         if constant_experts:
@@ -206,7 +207,7 @@ class MoE(nn.Module):
         return {
             "dim": self.dim, "hidden": self.hidden, "num_experts": self.num_experts,
             "k": self.k, "activation": e.activation, "gated": e.gated,
-            "bias": e.b_in is not None, "output_bias": self.output_bias is not None,
+            "bias": e.bias, "output_bias": self.output_bias is not None,
             "score": r.score, "gates": r.gates, "routing": r.routing, "noisy": r.noisy,
             "priority": r.priority, "router_bias": r.bias is not None,
             "balance_bias_rate": r.balance_bias_rate, "capacity_factor": self.capacity_factor,
