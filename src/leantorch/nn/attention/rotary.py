@@ -32,28 +32,46 @@ class RotaryEmbedding(nn.Module):
 
     ``forward(x, positions)``: ``x (..., seq, dim)``; ``positions (seq,)`` or ``(batch, seq)``
     integers (broadcast against the leading dimensions of ``x`` as ``(batch, 1, seq)``).
-    The angles are computed in ``x``'s dtype (float64 inputs get float64 angles), identically for
-    a full sequence and for one token at a time, so cached decoding reproduces the full forward
-    bit for bit.
+
+    The cosines and sines come from a table computed in float64 (then cast to ``x``'s dtype) and
+    grown by doubling as positions grow; every position's rotation is therefore the same
+    bits whether it is applied to a whole sequence or to one decoded token, and decoding does
+    not recompute the trigonometry at every step.
     """
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0 or dim % 2:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise LeanError(f"RotaryEmbedding: dim={describe(dim)}; expected a positive even int")
         if not base > 0:
             raise LeanError(f"RotaryEmbedding: base={describe(base)}; expected a positive float")
         self.dim = dim
         self.base = float(base)
+        # (dtype, device) -> (cos, sin), each (max_position, dim); not state: rebuilt on demand
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}"
 
-    def angles(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
-        """``positions (...,)`` -> angles ``(..., dim/2)`` in ``dtype``."""
-        exponents = torch.arange(0, self.dim, 2, dtype=dtype, device=positions.device) / self.dim
-        inv_freq = self.base ** -exponents
-        return positions.to(dtype).unsqueeze(-1) * inv_freq
+    def angles(self, positions: Tensor) -> Tensor:
+        """``positions (...,)`` -> float64 angles ``(..., dim/2)``: ``position * base **
+        (-2j / dim)``."""
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float64,
+                                 device=positions.device) / self.dim
+        return positions.to(torch.float64).unsqueeze(-1) * self.base ** -exponents
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of shape ``positions.shape + (dim,)`` in ``dtype``, from the table."""
+        key = (dtype, positions.device)
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * (0 if table is None else table[0].shape[0]), 256)
+            theta = self.angles(torch.arange(size, device=positions.device))
+            theta = torch.cat((theta, theta), dim=-1)
+            table = (theta.cos().to(dtype), theta.sin().to(dtype))
+            self._tables[key] = table
+        return table[0][positions], table[1][positions]
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         if x.shape[-1] != self.dim:
@@ -62,10 +80,9 @@ class RotaryEmbedding(nn.Module):
         if positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise LeanTypeError(
                 f"RotaryEmbedding: positions.dtype={positions.dtype}; expected an integer dtype")
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        theta = self.angles(positions, dtype)
-        if theta.dim() == 3:  # (batch, seq, dim/2) -> (batch, 1, seq, dim/2): broadcast over heads
-            theta = theta.unsqueeze(1)
-        cos = torch.cat((theta.cos(), theta.cos()), dim=-1).to(x.dtype)
-        sin = torch.cat((theta.sin(), theta.sin()), dim=-1).to(x.dtype)
+        if positions.numel() and int(positions.min()) < 0:
+            raise LeanError("RotaryEmbedding: negative positions; expected positions >= 0")
+        cos, sin = self.cos_sin(positions, x.dtype)
+        if cos.dim() == 3:  # (batch, seq, dim) -> (batch, 1, seq, dim): broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return x * cos + rotate_half(x) * sin
