@@ -7,6 +7,22 @@ Causal masks are bottom-right aligned: query i sees keys 0..k_len - q_len + i.
 """
 
 from leantorch.ops.attention.naive import naive_attention
+from leantorch.ops.attention.split_kv import (
+    AttentionPartial,
+    finalize,
+    merge_partials,
+    partial_attention,
+    split_kv_attention,
+)
 from leantorch.ops.attention.tiled import attention, tiled_attention
 
-__all__ = ["attention", "naive_attention", "tiled_attention"]
+__all__ = [
+    "AttentionPartial",
+    "attention",
+    "finalize",
+    "merge_partials",
+    "naive_attention",
+    "partial_attention",
+    "split_kv_attention",
+    "tiled_attention",
+]
