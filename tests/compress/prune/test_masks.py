@@ -169,7 +169,10 @@ def test_make_permanent_keeps_outputs_and_removes_the_parametrization() -> None:
         weight = baked.get_submodule(path).weight
         assert isinstance(weight, nn.Parameter)
         assert torch.equal(weight == 0, ~get_mask(model.get_submodule(path)))
+    # the caller's masked model still works: the copy's parametrize class is its own
     assert all(parametrize.is_parametrized(model.get_submodule(p)) for p in ("0", "2", "4"))
+    assert torch.equal(model(x), expected)
+    assert torch.equal(model[0].weight == 0, ~get_mask(model[0]))
 
 
 def test_masked_model_roundtrips_save_load_bit_exactly(tmp_path) -> None:

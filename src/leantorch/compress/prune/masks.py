@@ -37,6 +37,7 @@ __all__ = [
     "lowest_k",
     "make_permanent",
     "mask_stats",
+    "own_class",
     "prunable_modules",
     "prune_magnitude",
     "prune_scores",
@@ -177,6 +178,18 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     return None if entry is None else entry.mask
 
 
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized ``module`` a class of its own before its parametrizations change.
+
+    ``parametrize`` keeps each parametrized tensor as a property on a class made for the
+    module, and ``copy.deepcopy`` shares that class between the copy and the original: without
+    this, removing (or adding) a parametrization on a copy would remove (or add) the property
+    on the caller's model too."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Mask ``module.<name>`` with ``mask`` (bool, the tensor's shape). An existing mask is
     intersected with the new one (masks only ever shrink), so successive prunings nest."""
@@ -190,6 +203,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> Non
     if entry is None:
         entry = WeightMask(weight.shape).to(weight.device)
         entry.mask.copy_(mask)
+        own_class(module)
         parametrize.register_parametrization(module, name, entry)
     else:
         entry.mask.logical_and_(mask.to(entry.mask.device))
@@ -342,6 +356,7 @@ def prune_magnitude(
 
 def _bake(module: nn.Module, name: str = "weight") -> None:
     """Replace the parametrized ``name`` by a plain parameter holding the masked values."""
+    own_class(module)
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 

@@ -124,11 +124,11 @@ def _bsr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
 def _sparse_forward(weight: torch.Tensor, x: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
     # sparse @ dense is the product torch's sparse BLAS runs well (dense @ sparse is far
-    # slower on CPU); the result is y.T, returned as a transposed view to avoid a copy
-    y = torch.sparse.mm(weight, x.t()).t()
-    if bias is not None:
-        y = y + bias
-    return y
+    # slower on CPU); the result is y.T, returned as a transposed view to avoid a copy.
+    # addmm starting from the broadcast bias skips the zero-fill that sparse.mm does first.
+    if bias is None:
+        return torch.addmm(x.new_zeros(1, 1), weight, x.t(), beta=0).t()
+    return torch.addmm(bias[:, None], weight, x.t()).t()
 
 
 @torch.library.custom_op("leantorch::csr_linear", mutates_args=())
