@@ -7,6 +7,10 @@ Causal masks are bottom-right aligned: query i sees keys 0..k_len - q_len + i.
 """
 
 from leantorch.ops.attention.naive import naive_attention
+from leantorch.ops.attention.sliding import (
+    neighborhood_attention_2d,
+    sliding_window_attention,
+)
 from leantorch.ops.attention.split_kv import (
     AttentionPartial,
     finalize,
@@ -22,7 +26,9 @@ __all__ = [
     "finalize",
     "merge_partials",
     "naive_attention",
+    "neighborhood_attention_2d",
     "partial_attention",
+    "sliding_window_attention",
     "split_kv_attention",
     "tiled_attention",
 ]
