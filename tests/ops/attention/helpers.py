@@ -42,7 +42,8 @@ def grads(out: Tensor, *inputs: Tensor, seed: int = 1) -> list[Tensor]:
     """Gradients of a fixed random projection of ``out`` w.r.t. ``inputs``."""
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
                          dtype=out.dtype)
-    return list(torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True))
+    found = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs, strict=True)]
 
 
 def saved_bytes(fn, *args, **kwargs) -> int:

@@ -6,6 +6,13 @@ v (batch, kv_heads, k_len, value_dim), q_heads % kv_heads == 0 (grouped-query at
 Causal masks are bottom-right aligned: query i sees keys 0..k_len - q_len + i.
 """
 
+from leantorch.ops.attention.block_sparse import (
+    block_sparse_attention,
+    expand_block_mask,
+    global_block_mask,
+    local_block_mask,
+    random_block_mask,
+)
 from leantorch.ops.attention.naive import naive_attention
 from leantorch.ops.attention.sliding import (
     neighborhood_attention_2d,
@@ -23,11 +30,16 @@ from leantorch.ops.attention.tiled import attention, tiled_attention
 __all__ = [
     "AttentionPartial",
     "attention",
+    "block_sparse_attention",
+    "expand_block_mask",
     "finalize",
+    "global_block_mask",
+    "local_block_mask",
     "merge_partials",
     "naive_attention",
     "neighborhood_attention_2d",
     "partial_attention",
+    "random_block_mask",
     "sliding_window_attention",
     "split_kv_attention",
     "tiled_attention",
