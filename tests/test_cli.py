@@ -75,3 +75,69 @@ def test_models_lists_builtins(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "minilm" in out and "resnet50" in out
+
+
+RECIPE = """
+name: tiny-lowrank
+description: test recipe
+calibration: {samples: 16, batch_size: 8, seq_len: 8}
+steps:
+  - transform: lowrank.svd
+    args: {rank: 4, exclude: ["*pooler*"]}
+task: embedding
+gates:
+  - {metric: cosine_mean, min: %s}
+"""
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=120)
+    folder = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_compress_writes_the_model_and_reports(tiny_bert, tmp_path, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE % "-1.0")
+    out = tmp_path / "out"
+    code = main(["compress", str(tiny_bert), "--recipe", str(recipe), "--out", str(out),
+                 "--latency-runs", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "lowrank.svd" in text and "cosine_mean" in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json",
+                                                     "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["source"] == "tiny-bert"
+    assert [s["label"] for s in report["stages"]] == ["original", "lowrank.svd"]
+
+
+def test_compress_gate_failure_writes_nothing(tiny_bert, tmp_path, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE % "1.5")  # cosine can never reach 1.5
+    out = tmp_path / "out"
+    code = main(["compress", str(tiny_bert), "--recipe", str(recipe), "--out", str(out),
+                 "--latency-runs", "0"])
+    assert code == 1
+    assert "below the minimum 1.5; nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["compress", "minilm", "--recipe", "int9"], "unknown recipe 'int9'"),
+    (["compress", "minilm", "--recipe", "lowrank-50", "--data", "/nope.txt"], "no such file"),
+    (["compress", "minilm", "--recipe", "lowrank-50", "--seq-len", "1"], "--seq-len must be"),
+])
+def test_compress_bad_input(argv, fragment, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_recipes_lists_the_shipped_ones(capsys) -> None:
+    assert main(["recipes"]) == 0
+    assert "lowrank-50:" in capsys.readouterr().out

@@ -4,7 +4,10 @@
                             [--backward] [--train] [--runs N] [--warmup N] [--threads T]
                             [--device cpu|cuda] [--device-spec auto|measure|none|NAME]
                             [--no-latency]
+    leantorch compress MODEL --recipe RECIPE [--data FILE] [--out DIR] [--seq-len N]
+                             [--threads T] [--latency-runs N] [--json]
     leantorch models
+    leantorch recipes
 
 Errors in what the user typed end the command with one line on stderr and exit status 2.
 """
@@ -49,7 +52,26 @@ def _parser() -> argparse.ArgumentParser:
                    "measure, none, or a datasheet name such as h100-sxm")
     p.add_argument("--no-latency", action="store_true", help="skip timing")
 
+    c = sub.add_parser(
+        "compress", help="apply a recipe (transforms, fine-tune, verification) to a model",
+        description="Compress MODEL with RECIPE, print a before/after table per step and "
+        "write the model (model.safetensors), report.json and report.md to --out. Nothing is "
+        "written when a verification gate fails (exit status 1).")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--recipe", required=True, metavar="RECIPE",
+                   help="a shipped recipe name (see 'leantorch recipes') or a .yaml file")
+    c.add_argument("--data", metavar="FILE",
+                   help="calibration and evaluation texts, one per line (default: the bundled "
+                   "sentences)")
+    c.add_argument("--out", metavar="DIR", help="output folder (default out/MODEL-RECIPE)")
+    c.add_argument("--seq-len", type=int, metavar="N", help="override the recipe's seq_len")
+    c.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's)")
+    c.add_argument("--latency-runs", type=int, default=10, metavar="N",
+                   help="timed forwards per stage (default 10; 0 skips timing)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
     sub.add_parser("models", help="list the built-in model names")
+    sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 
 
@@ -95,6 +117,110 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from leantorch.compress.recipe import load_recipe, run_recipe
+    from leantorch.compress.verify import GateFailure
+    from leantorch.data import sentences, split
+    from leantorch.models import load_model
+
+    recipe = load_recipe(args.recipe)
+    if args.seq_len is not None:
+        if args.seq_len < 2:
+            raise LeanError(f"--seq-len must be >= 2, got {args.seq_len}")
+        recipe = replace(recipe, calibration=replace(recipe.calibration, seq_len=args.seq_len))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LeanError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.latency_runs < 0:
+        raise LeanError(f"--latency-runs must be >= 0, got {args.latency_runs}")
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise LeanError(f"--data {args.data!r}: no such file")
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(texts) < 4:
+            raise LeanError(f"--data {args.data!r} has {len(texts)} non-empty lines; at least 4 "
+                            "are needed (calibration and held-out evaluation)")
+    else:
+        texts = sentences()
+    loaded = load_model(args.model)
+    cal = recipe.calibration
+    calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
+    calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len)
+    evaluation = loaded.batches(evaluation_texts[:max(cal.batch_size, cal.samples)],
+                                cal.batch_size, cal.seq_len, seed=1)
+    print(f"compressing {loaded.name} with recipe {recipe.name!r}: "
+          f"{sum(_rows(b) for b in calibration)} calibration and "
+          f"{sum(_rows(b) for b in evaluation)} held-out inputs, {torch.get_num_threads()} "
+          "thread(s)", flush=True)
+    try:
+        result = run_recipe(recipe, loaded.model, calibration=calibration,
+                            evaluation=evaluation, example_inputs=evaluation[0],
+                            latency_runs=args.latency_runs, progress=not args.json,
+                            source=loaded.name)
+    except GateFailure as error:
+        _print_stages(error.result, args.json)
+        print(f"leantorch: {error}; nothing was written", file=sys.stderr)
+        return 1
+    out = Path(args.out or f"out/{loaded.name}-{recipe.name}")
+    paths = result.write(out)
+    _print_stages(result, args.json)
+    if not args.json:
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    else:
+        print(json.dumps({"written": {k: str(v) for k, v in paths.items()}}))
+    return 0
+
+
+def _rows(batch: object) -> int:
+    import torch
+
+    tensors = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    return next((t.shape[0] for t in tensors if isinstance(t, torch.Tensor)), 0)
+
+
+def _print_stages(result: object, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    header, rows = result.table()
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print("  ".join(header))
+        for row in rows:
+            print("  ".join(row))
+        return
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the table to 80 columns
+        console = Console(width=max(console.width, 160))
+    table = Table(title=f"{result.source}: recipe {result.recipe.name}", title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _recipes() -> int:
+    from leantorch.compress.recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        description = " ".join(load_recipe(name).description.split())
+        print(f"{name}: {description}")
+    return 0
+
+
 def _models() -> int:
     from leantorch.models import BUILTINS
 
@@ -110,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "profile":
             return _profile(args)
+        if args.command == "compress":
+            return _compress(args)
+        if args.command == "recipes":
+            return _recipes()
         return _models()
     except LeanError as error:
         print(f"leantorch: error: {error}", file=sys.stderr)

@@ -44,7 +44,33 @@ class LoadedModel:
     default_seq_len: int = 128
     example: tuple[Any, ...] | None = None  # inputs a factory supplied
     description: str = ""
+    tokenizer: Callable[[], Any] | None = None  # builds the model's tokenizer, when it has one
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def batches(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        seq_len: int = 128,
+        seed: int = 0,
+    ) -> list[Any]:
+        """Model inputs for ``texts`` in batches: tokenized when the model has a tokenizer
+        (padded to the longest text of each batch, at most ``seq_len`` tokens); otherwise one
+        deterministic random input per text (token ids for text models, images for vision)."""
+        _positive("batch_size", batch_size)
+        _positive("seq_len", seq_len)
+        chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        if self.kind == "text" and self.tokenizer is not None:
+            tokenizer = self.extras.setdefault("_tokenizer", self.tokenizer())
+            return [dict(tokenizer(chunk, padding=True, truncation=True, max_length=seq_len,
+                                   return_tensors="pt")) for chunk in chunks]
+        batches = []
+        for i, chunk in enumerate(chunks):
+            args, kwargs = self.example_inputs(batch=len(chunk),
+                                               seq_len=seq_len if self.kind == "text" else None,
+                                               seed=seed + i)
+            batches.append(kwargs if kwargs else args)
+        return batches
 
     def example_inputs(
         self,
@@ -136,24 +162,33 @@ def _transformers() -> Any:
     return transformers
 
 
+def _uncased_wordpiece() -> Any:
+    from leantorch.models.sentence import minilm_tokenizer
+
+    return minilm_tokenizer()
+
+
 def _minilm() -> LoadedModel:
     from leantorch.models.sentence import load_minilm
 
     _transformers()
+    from leantorch.models.sentence import minilm_tokenizer
+
     model = load_minilm()
     return LoadedModel("minilm", model, "text", vocab_size=model.encoder.config.vocab_size,
-                       description="all-MiniLM-L6-v2 sentence encoder, real pretrained weights")
+                       description="all-MiniLM-L6-v2 sentence encoder, real pretrained weights",
+                       tokenizer=minilm_tokenizer)
 
 
 def _text(name: str, config_name: str, model_name: str, description: str,
-          **config: Any) -> Callable[[], LoadedModel]:
+          tokenizer: Callable[[], Any] | None = None, **config: Any) -> Callable[[], LoadedModel]:
     def build() -> LoadedModel:
         t = _transformers()
         cfg = getattr(t, config_name)(**config)
         torch.manual_seed(0)
         model = getattr(t, model_name)(cfg).eval()
         return LoadedModel(name, model, "text", vocab_size=cfg.vocab_size,
-                           description=description)
+                           description=description, tokenizer=tokenizer)
 
     return build
 
@@ -175,7 +210,8 @@ def _vision(name: str, config_name: str, model_name: str, description: str,
 BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {
     "minilm": ("all-MiniLM-L6-v2 sentence encoder (real weights, 22.7M params)", _minilm),
     "bert-base": ("BERT-base encoder (110M params), random weights", _text(
-        "bert-base", "BertConfig", "BertModel", "BERT-base")),
+        "bert-base", "BertConfig", "BertModel", "BERT-base",
+        tokenizer=_uncased_wordpiece)),  # BERT's uncased vocabulary is MiniLM's
     "gpt2": ("GPT-2 small with its LM head (124M params), random weights", _text(
         "gpt2", "GPT2Config", "GPT2LMHeadModel", "GPT-2 small")),
     "llama-tiny": ("a 4-layer Llama (GQA 8/4 heads, SwiGLU), random weights", _text(

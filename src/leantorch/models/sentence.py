@@ -25,8 +25,8 @@ __all__ = ["SentenceEncoder", "load_minilm", "minilm_path", "minilm_tokenizer"]
 class SentenceEncoder(nn.Module):
     """``encoder`` (a transformers encoder) -> mean pooling -> L2 norm.
 
-    forward(input_ids: (batch, seq) int64, attention_mask: (batch, seq) 0/1 = all ones)
-    -> (batch, hidden) unit-norm embeddings.
+    forward(input_ids: (batch, seq) int64, attention_mask: (batch, seq) 0/1 = all ones,
+    token_type_ids: (batch, seq) = None) -> (batch, hidden) unit-norm embeddings.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -41,11 +41,15 @@ class SentenceEncoder(nn.Module):
         return cls(build(spec["encoder"]))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=-1)

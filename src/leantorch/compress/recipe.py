@@ -1,0 +1,450 @@
+"""Recipes: ordered transforms, calibration data, an optional distillation fine-tune and
+verification gates, from YAML or Python.
+
+.. code-block:: yaml
+
+    name: lowrank-50
+    description: halve the Linear weights by activation-aware SVD, then distil
+    calibration: {samples: 128, batch_size: 32, seq_len: 128, holdout: 0.25}
+    steps:
+      - transform: lowrank.svd
+        args: {param_ratio: 0.5, activation_aware: true, exclude: ["*pooler*"]}
+    finetune: {steps: 100, lr: 1.0e-4, loss: mse}
+    task: embedding
+    gates:
+      - {metric: cosine_mean, min: 0.9}
+
+Unknown keys, unknown transforms, unknown transform arguments and out-of-range values are
+errors that name the key. :func:`run_recipe` applies the steps to a copy of the model, measures
+every stage (params, weight bytes, FLOPs, latency, fidelity against the original on held-out
+data), fine-tunes, checks the gates (raising :class:`GateFailure` with the whole report when one
+fails) and returns a :class:`RecipeResult`; :meth:`RecipeResult.write` saves the model and the
+reports, atomically, only for a result that passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantorch.compress.change import Change, _as_call
+from leantorch.compress.finetune import LOSSES, distill
+from leantorch.compress.registry import accepts, get_transform
+from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
+from leantorch.errors import LeanError, describe
+from leantorch.io import atomic_write_text
+
+__all__ = [
+    "Calibration",
+    "Finetune",
+    "Recipe",
+    "RecipeResult",
+    "Stage",
+    "Step",
+    "builtin_recipes",
+    "load_recipe",
+    "run_recipe",
+]
+
+
+# --------------------------------------------------------------------------- validation
+def _keys(where: str, value: Any, allowed: Sequence[str], required: Sequence[str] = ()
+          ) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise LeanError(f"{where} must be a mapping with keys {', '.join(allowed)}, got "
+                        f"{describe(value)}")
+    for key in value:
+        if key not in allowed:
+            raise LeanError(f"{where}: unknown key {key!r}; accepted: {', '.join(allowed)}")
+    for key in required:
+        if key not in value:
+            raise LeanError(f"{where}: missing key {key!r}")
+    return dict(value)
+
+
+def _int(where: str, key: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise LeanError(f"{where}.{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _float(where: str, key: str, value: Any, low: float, high: float,
+           open_low: bool = True, open_high: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if open_low else value >= low) and \
+             (value < high if open_high else value <= high)
+    if not ok:
+        bracket = ("(" if open_low else "[") + f"{low}, {high}" + (")" if open_high else "]")
+        raise LeanError(f"{where}.{key} must be a number in {bracket}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How many texts (or inputs) calibrate and fine-tune; ``holdout`` of them verify."""
+
+    samples: int = 128
+    batch_size: int = 32
+    seq_len: int = 128
+    holdout: float = 0.25
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Calibration:
+        where = "recipe.calibration"
+        d = _keys(where, value, ("samples", "batch_size", "seq_len", "holdout"))
+        return cls(
+            samples=_int(where, "samples", d.get("samples", cls.samples), 1),
+            batch_size=_int(where, "batch_size", d.get("batch_size", cls.batch_size), 1),
+            seq_len=_int(where, "seq_len", d.get("seq_len", cls.seq_len), 2),
+            holdout=_float(where, "holdout", d.get("holdout", cls.holdout), 0, 1, True, True),
+        )
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """A distillation fine-tune against the original model (see ``compress.finetune``)."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    loss: str = "mse"
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Finetune:
+        where = "recipe.finetune"
+        d = _keys(where, value, ("steps", "lr", "loss", "weight_decay"))
+        loss = d.get("loss", cls.loss)
+        if loss not in LOSSES:
+            raise LeanError(f"{where}.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        return cls(
+            steps=_int(where, "steps", d.get("steps", cls.steps), 0),
+            lr=_float(where, "lr", d.get("lr", cls.lr), 0, 1),
+            loss=loss,
+            weight_decay=_float(where, "weight_decay", d.get("weight_decay", 0.0), 0, 1,
+                                open_low=False),
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transform by its registered name, with its arguments."""
+
+    transform: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, index: int, value: Any) -> Step:
+        where = f"recipe.steps[{index}]"
+        d = _keys(where, value, ("transform", "args"), required=("transform",))
+        args = d.get("args") or {}
+        if not isinstance(args, Mapping):
+            raise LeanError(f"{where}.args must be a mapping, got {describe(args)}")
+        step = cls(str(d["transform"]), dict(args))
+        step.check(where)
+        return step
+
+    def check(self, where: str) -> None:
+        try:
+            fn = get_transform(self.transform)
+        except LeanError as error:
+            raise LeanError(f"{where}: {error}") from error
+        import inspect
+
+        parameters = inspect.signature(fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        accepted = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                    and n not in ("inplace", "calibration", "example_inputs")]
+        for key in self.args:
+            if key not in accepted:
+                raise LeanError(f"{where} ({self.transform}): unknown argument {key!r}; "
+                                f"accepted: {', '.join(accepted)}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of transforms with calibration, fine-tune and gates."""
+
+    name: str
+    steps: tuple[Step, ...]
+    description: str = ""
+    calibration: Calibration = Calibration()
+    finetune: Finetune | None = None
+    gates: tuple[Gate, ...] = ()
+    task: str = "auto"
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Recipe:
+        d = _keys("recipe", value, ("name", "description", "calibration", "steps", "finetune",
+                                    "gates", "task"), required=("name", "steps"))
+        steps = d["steps"]
+        if not isinstance(steps, list) or not steps:
+            raise LeanError(f"recipe.steps must be a non-empty list of steps, got "
+                            f"{describe(steps)}")
+        gates = d.get("gates") or []
+        if not isinstance(gates, list):
+            raise LeanError(f"recipe.gates must be a list, got {describe(gates)}")
+        parsed_gates = []
+        for i, gate in enumerate(gates):
+            g = _keys(f"recipe.gates[{i}]", gate, ("metric", "min", "max"), ("metric",))
+            parsed_gates.append(Gate(g["metric"], g.get("min"), g.get("max")))
+        task = d.get("task", "auto")
+        if task not in TASKS:
+            raise LeanError(f"recipe.task must be one of {', '.join(TASKS)}, got {task!r}")
+        return cls(
+            name=str(d["name"]),
+            description=str(d.get("description", "")),
+            steps=tuple(Step.from_dict(i, s) for i, s in enumerate(steps)),
+            calibration=Calibration.from_dict(d.get("calibration") or {}),
+            finetune=None if d.get("finetune") is None else Finetune.from_dict(d["finetune"]),
+            gates=tuple(parsed_gates),
+            task=task,
+        )
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | os.PathLike[str]) -> Recipe:
+        """Parse YAML text, or the file at a path."""
+        try:
+            import yaml
+        except ImportError as error:
+            raise LeanError("YAML recipes need PyYAML: pip install 'leantorch[cli]'") from error
+        text = str(text_or_path)
+        path = Path(text)
+        if "\n" not in text and path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise LeanError(f"recipe file {text!r} does not exist")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise LeanError(f"recipe is not valid YAML: {error}") from error
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "calibration": asdict(self.calibration),
+            "steps": [{"transform": s.transform, "args": dict(s.args)} for s in self.steps],
+            "finetune": None if self.finetune is None else asdict(self.finetune),
+            "gates": [g.to_dict() for g in self.gates],
+            "task": self.task,
+        }
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in ``leantorch/recipes``."""
+    folder = resources.files("leantorch.recipes")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | os.PathLike[str] | Recipe | Mapping[str, Any]) -> Recipe:
+    """A shipped recipe by name (``"int8"``), a YAML file, a dict, or a Recipe."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, Mapping):
+        return Recipe.from_dict(name_or_path)
+    text = str(name_or_path)
+    if text in builtin_recipes():
+        return Recipe.from_yaml(resources.files("leantorch.recipes").joinpath(
+            f"{text}.yaml").read_text())
+    if Path(text).suffix in (".yaml", ".yml"):
+        return Recipe.from_yaml(text)
+    raise LeanError(f"unknown recipe {text!r}; shipped: {', '.join(builtin_recipes())}, or a "
+                    "path to a .yaml file")
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class Stage:
+    """The model after one stage of a recipe, measured."""
+
+    label: str
+    params: int
+    param_bytes: int
+    flops: int | None
+    macs: int | None
+    latency_ms: float | None
+    fidelity: Fidelity | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "fidelity"}
+        d["fidelity"] = None if self.fidelity is None else self.fidelity.to_dict()
+        return d
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe did: one :class:`Stage` per step (the first is the original)."""
+
+    recipe: Recipe
+    model: nn.Module
+    stages: list[Stage]
+    changes: list[Change]
+    finetune_loss: list[float]
+    failures: list[str]
+    threads: int
+    source: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        return self.stages[-1].fidelity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "recipe": self.recipe.to_dict(),
+            "passed": self.passed,
+            "failures": list(self.failures),
+            "threads": self.threads,
+            "stages": [s.to_dict() for s in self.stages],
+            "changes": [c.to_dict() for c in self.changes],
+            "finetune_loss": {"first": self.finetune_loss[0], "last": self.finetune_loss[-1],
+                              "steps": len(self.finetune_loss)} if self.finetune_loss else None,
+        }
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the before/after table, one row per stage."""
+        first = self.stages[0]
+        metrics = list(self.stages[-1].fidelity.metrics) if self.stages[-1].fidelity else []
+        header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup", *metrics]
+        rows = []
+        for s in self.stages:
+            speed = (f"{first.latency_ms / s.latency_ms:.2f}x"
+                     if s.latency_ms and first.latency_ms else "-")
+            row = [s.label, f"{s.params / 1e6:.2f} M", f"{s.param_bytes / 2**20:.1f} MiB",
+                   "-" if s.flops is None else f"{s.flops / 1e9:.2f}",
+                   "-" if s.latency_ms is None else f"{s.latency_ms:.1f}", speed]
+            row += [f"{s.fidelity.metrics[m]:.4f}" if s.fidelity and m in s.fidelity.metrics
+                    else "-" for m in metrics]
+            rows.append(row)
+        return header, rows
+
+    def markdown(self) -> str:
+        """The before/after table as Markdown."""
+        header, rows = self.table()
+        lines = [f"# {self.source or 'model'}: recipe `{self.recipe.name}`", "",
+                 self.recipe.description.strip(), "",
+                 "| " + " | ".join(header) + " |",
+                 "|---|" + "--:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", f"Latency: median of timed forwards on one evaluation batch, "
+                  f"{self.threads} thread(s); fidelity against the original on held-out data.",
+                  "Gates: " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
+                  + (" (all passed)" if self.passed else
+                     " (FAILED: " + "; ".join(self.failures) + ")")]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Save ``model.safetensors``, ``report.json`` and ``report.md`` into ``out_dir``
+        (atomically). Refuses a result whose gates failed: nothing is written."""
+        if not self.passed:
+            raise LeanError("refusing to write a model whose verification gates failed: "
+                            + "; ".join(self.failures))
+        from leantorch.serialize import save
+
+        out = Path(out_dir)
+        paths = {"model": save(self.model, out / "model.safetensors",
+                               metadata={"recipe": self.recipe.name, "source": self.source})}
+        paths["report_json"] = atomic_write_text(out / "report.json",
+                                                 json.dumps(self.to_dict(), indent=2) + "\n")
+        paths["report_md"] = atomic_write_text(out / "report.md", self.markdown())
+        return paths
+
+
+def _measure(label: str, model: nn.Module, example_inputs: Any, latency_runs: int,
+             fidelity: Fidelity | None = None) -> Stage:
+    from leantorch.compress.change import summarize
+    from leantorch.measure import time_callable
+
+    summary = summarize(model, example_inputs)
+    latency = None
+    if latency_runs:
+        args, kwargs = _as_call(example_inputs)
+        training = model.training
+        model.eval()
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(*args, **kwargs)
+
+        latency = time_callable(forward, runs=latency_runs, warmup=2).median_ms
+        model.train(training)
+    return Stage(label, summary.params, summary.param_bytes, summary.flops, summary.macs,
+                 latency, fidelity)
+
+
+def run_recipe(
+    recipe: Recipe | str | Mapping[str, Any],
+    model: nn.Module,
+    *,
+    calibration: Sequence[Any],
+    evaluation: Sequence[Any],
+    example_inputs: Any,
+    latency_runs: int = 10,
+    progress: bool = False,
+    source: str = "",
+) -> RecipeResult:
+    """Apply ``recipe`` to a copy of ``model``.
+
+    Args:
+        calibration: model inputs (batches) for transforms that look at activations and for
+            the fine-tune.
+        evaluation: held-out model inputs on which every stage is verified against ``model``.
+        example_inputs: one batch for FLOPs and latency.
+        latency_runs: timed forwards per stage (0: no timing).
+
+    Raises:
+        GateFailure: a gate failed; ``error.result`` holds the full :class:`RecipeResult`.
+    """
+    recipe = load_recipe(recipe)
+    if not calibration or not evaluation:
+        raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
+                        "model inputs")
+    stages = [_measure("original", model, example_inputs, latency_runs)]
+    changes: list[Change] = []
+    current = model
+    for index, step in enumerate(recipe.steps):
+        fn = get_transform(step.transform)
+        kwargs = dict(step.args)
+        if accepts(fn, "calibration"):
+            kwargs["calibration"] = list(calibration)
+        if accepts(fn, "example_inputs"):
+            kwargs["example_inputs"] = example_inputs
+        if progress:
+            print(f"  step {index + 1}/{len(recipe.steps)}: {step.transform}", flush=True)
+        # the first step copies the caller's model; later steps edit that copy
+        current, change = fn(current, inplace=index > 0, **kwargs)
+        changes.append(change)
+        fidelity = verify(model, current, evaluation, task=recipe.task)
+        stages.append(_measure(step.transform, current, example_inputs, latency_runs, fidelity))
+    history: list[float] = []
+    if recipe.finetune is not None and recipe.finetune.steps > 0:
+        ft = recipe.finetune
+        history = distill(current, model, calibration, steps=ft.steps, lr=ft.lr, loss=ft.loss,
+                          weight_decay=ft.weight_decay, progress=progress)
+        fidelity = verify(model, current, evaluation, task=recipe.task)
+        stages.append(_measure(f"+ fine-tune ({ft.steps} steps)", current, example_inputs,
+                               latency_runs, fidelity))
+    failures = [f for f in (g.check(stages[-1].fidelity) for g in recipe.gates) if f]
+    result = RecipeResult(recipe, current, stages, changes, history, failures,
+                          torch.get_num_threads(), source)
+    if failures:
+        error = GateFailure(failures, stages[-1].fidelity, step=f"recipe {recipe.name!r}")
+        error.result = result
+        raise error
+    return result

@@ -1,0 +1,1 @@
+"""Recipes shipped with leantorch (YAML files); see ``leantorch.compress.recipe``."""
