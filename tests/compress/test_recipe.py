@@ -118,3 +118,14 @@ def test_a_failing_gate_stops_with_the_report_and_writes_nothing(tmp_path) -> No
     with pytest.raises(LeanError, match="refusing to write"):
         error.result.write(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_is_drawn_only_when_asked(capsys) -> None:
+    from leantorch.compress.progress import showing, track
+
+    assert list(track(range(3), 3, "quiet")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    with showing():
+        assert list(track(range(4), 4, "loud")) == [0, 1, 2, 3]
+    err = capsys.readouterr().err
+    assert "loud [##########          ] 2/4" in err and "4/4" in err

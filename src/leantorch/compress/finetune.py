@@ -86,14 +86,12 @@ def _reporter(progress: bool | Callable[[int, float], None], steps: int
         return progress
     if not progress:
         return lambda step, value: None
-    every = max(1, steps // 10)
 
     def report(step: int, value: float) -> None:
-        if step % every == 0 or step == steps:
-            bar = "#" * (20 * step // steps)
-            print(f"\r  fine-tune [{bar:<20}] {step}/{steps} loss {value:.5f}", end="",
-                  file=sys.stderr, flush=True)
-            if step == steps:
-                print(file=sys.stderr)
+        bar = "#" * (20 * step // steps)
+        print(f"\r  fine-tune [{bar:<20}] {step}/{steps} loss {value:.5f}", end="",
+              file=sys.stderr, flush=True)
+        if step == steps:
+            print(file=sys.stderr)
 
     return report

@@ -31,6 +31,7 @@ from leantorch.compress.change import (
     replace_module,
     select_modules,
 )
+from leantorch.compress.progress import track
 from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError
 from leantorch.serialize import register_module
@@ -154,7 +155,7 @@ def _collect_grams(model: nn.Module, paths: Sequence[str],
     try:
         model.eval()
         with torch.no_grad():
-            for batch in calibration:
+            for batch in track(calibration, len(calibration), "calibrating"):
                 args, kwargs = _as_call(batch)
                 model(*args, **kwargs)
     finally:

@@ -37,6 +37,7 @@ from torch import nn
 
 from leantorch.compress.change import Change, _as_call
 from leantorch.compress.finetune import LOSSES, distill
+from leantorch.compress.progress import showing
 from leantorch.compress.registry import accepts, get_transform
 from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
 from leantorch.errors import LeanError, describe
@@ -415,6 +416,14 @@ def run_recipe(
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    with showing(progress):
+        return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
+                    progress, source)
+
+
+def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
+         evaluation: Sequence[Any], example_inputs: Any, latency_runs: int, progress: bool,
+         source: str) -> RecipeResult:
     stages = [_measure("original", model, example_inputs, latency_runs)]
     changes: list[Change] = []
     current = model
