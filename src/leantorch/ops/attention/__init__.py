@@ -26,6 +26,7 @@ from leantorch.ops.attention.split_kv import (
     split_kv_attention,
 )
 from leantorch.ops.attention.tiled import attention, tiled_attention
+from leantorch.ops.attention.topk import topk_attention
 
 __all__ = [
     "AttentionPartial",
@@ -43,4 +44,5 @@ __all__ = [
     "sliding_window_attention",
     "split_kv_attention",
     "tiled_attention",
+    "topk_attention",
 ]
