@@ -38,6 +38,8 @@ def recipe(**changes) -> dict:
     (recipe(gates=[{"metric": "cosine_mean"}]), "needs min and/or max"),
     (recipe(gates=[{"metric": "cosine_mean", "minimum": 1}]), "recipe.gates[0]: unknown key"),
     (recipe(task="speech"), "recipe.task must be one of"),
+    (recipe(steps=[{"transform": "lowrank.svd", "finetune": {}}]), "exactly one of 'transform'"),
+    (recipe(steps=[{"finetune": {"steps": 3}, "args": {}}]), "a finetune step takes no 'args'"),
 ])
 def test_bad_recipes_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(LeanError) as info:
@@ -129,3 +131,30 @@ def test_progress_is_drawn_only_when_asked(capsys) -> None:
         assert list(track(range(4), 4, "loud")) == [0, 1, 2, 3]
     err = capsys.readouterr().err
     assert "loud [##########          ] 2/4" in err and "4/4" in err
+
+
+def test_fine_tune_steps_interleave_with_transforms() -> None:
+    schedule = Recipe.from_dict({
+        "name": "iterative", "task": "embedding",
+        "steps": [{"transform": "lowrank.svd", "args": {"rank": 8, "include": "0"}},
+                  {"finetune": {"steps": 20, "lr": 3e-3}},
+                  {"transform": "lowrank.svd", "args": {"rank": 8, "include": "2"}}]})
+    model = encoder()
+    result = run_recipe(schedule, model, calibration=data(4, 1), evaluation=data(2, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=0)
+    assert [s.label for s in result.stages] == [
+        "original", "lowrank.svd", "+ fine-tune (20 steps)", "lowrank.svd"]
+    assert len(result.finetune_loss) == 20 and len(result.changes) == 2
+    assert schedule.to_dict()["steps"][1] == {"finetune": {"steps": 20, "lr": 3e-3,
+                                                            "loss": "mse", "weight_decay": 0.0}}
+    assert type(model[0]) is nn.Linear  # the caller's model was not touched
+
+
+def test_a_fine_tune_first_trains_a_copy() -> None:
+    model = encoder()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    only = Recipe.from_dict({"name": "ft", "task": "embedding",
+                             "steps": [{"finetune": {"steps": 3}}]})
+    run_recipe(only, model, calibration=data(2, 1), evaluation=data(1, 2),
+               example_inputs=data(1, 3)[0], latency_runs=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -24,6 +24,7 @@ reports, atomically, only for a result that passed.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -137,21 +138,40 @@ class Finetune:
 
 @dataclass(frozen=True)
 class Step:
-    """One transform by its registered name, with its arguments."""
+    """One transform by its registered name with its arguments, or a distillation fine-tune
+    (``{finetune: {steps: 50}}``), so schedules can interleave the two."""
 
-    transform: str
+    transform: str | None
     args: dict[str, Any] = field(default_factory=dict)
+    finetune: Finetune | None = None
 
     @classmethod
     def from_dict(cls, index: int, value: Any) -> Step:
         where = f"recipe.steps[{index}]"
-        d = _keys(where, value, ("transform", "args"), required=("transform",))
+        d = _keys(where, value, ("transform", "args", "finetune"))
+        if ("transform" in d) == ("finetune" in d):
+            raise LeanError(f"{where} needs exactly one of 'transform' or 'finetune'")
+        if "finetune" in d:
+            if "args" in d:
+                raise LeanError(f"{where}: a finetune step takes no 'args'")
+            return cls(None, {}, Finetune.from_dict(d["finetune"] or {}))
         args = d.get("args") or {}
         if not isinstance(args, Mapping):
             raise LeanError(f"{where}.args must be a mapping, got {describe(args)}")
         step = cls(str(d["transform"]), dict(args))
         step.check(where)
         return step
+
+    @property
+    def label(self) -> str:
+        if self.finetune is not None:
+            return f"fine-tune ({self.finetune.steps} steps)"
+        return str(self.transform)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.finetune is not None:
+            return {"finetune": asdict(self.finetune)}
+        return {"transform": self.transform, "args": dict(self.args)}
 
     def check(self, where: str) -> None:
         try:
@@ -235,7 +255,7 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "calibration": asdict(self.calibration),
-            "steps": [{"transform": s.transform, "args": dict(s.args)} for s in self.steps],
+            "steps": [s.to_dict() for s in self.steps],
             "finetune": None if self.finetune is None else asdict(self.finetune),
             "gates": [g.to_dict() for g in self.gates],
             "task": self.task,
@@ -427,28 +447,35 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
     stages = [_measure("original", model, example_inputs, latency_runs)]
     changes: list[Change] = []
     current = model
-    for index, step in enumerate(recipe.steps):
-        fn = get_transform(step.transform)
-        kwargs = dict(step.args)
-        if accepts(fn, "calibration"):
-            kwargs["calibration"] = list(calibration)
-        if accepts(fn, "example_inputs"):
-            kwargs["example_inputs"] = example_inputs
-        if progress:
-            print(f"  step {index + 1}/{len(recipe.steps)}: {step.transform}", flush=True)
-        # the first step copies the caller's model; later steps edit that copy
-        current, change = fn(current, inplace=index > 0, **kwargs)
-        changes.append(change)
-        fidelity = verify(model, current, evaluation, task=recipe.task)
-        stages.append(_measure(step.transform, current, example_inputs, latency_runs, fidelity))
     history: list[float] = []
+    transformed = False
+    steps = list(recipe.steps)
     if recipe.finetune is not None and recipe.finetune.steps > 0:
-        ft = recipe.finetune
-        history = distill(current, model, calibration, steps=ft.steps, lr=ft.lr, loss=ft.loss,
-                          weight_decay=ft.weight_decay, progress=progress)
+        steps.append(Step(None, {}, recipe.finetune))
+    for index, step in enumerate(steps):
+        if progress:
+            print(f"  step {index + 1}/{len(steps)}: {step.label}", flush=True)
+        if step.finetune is not None:
+            if not transformed:  # never train the caller's model
+                current = copy.deepcopy(current)
+                transformed = True
+            ft = step.finetune
+            history += distill(current, model, calibration, steps=ft.steps, lr=ft.lr,
+                               loss=ft.loss, weight_decay=ft.weight_decay, progress=progress)
+        else:
+            fn = get_transform(step.transform)
+            kwargs = dict(step.args)
+            if accepts(fn, "calibration"):
+                kwargs["calibration"] = list(calibration)
+            if accepts(fn, "example_inputs"):
+                kwargs["example_inputs"] = example_inputs
+            # the first transform copies the caller's model; later steps edit that copy
+            current, change = fn(current, inplace=transformed, **kwargs)
+            transformed = True
+            changes.append(change)
         fidelity = verify(model, current, evaluation, task=recipe.task)
-        stages.append(_measure(f"+ fine-tune ({ft.steps} steps)", current, example_inputs,
-                               latency_runs, fidelity))
+        label = f"+ {step.label}" if step.finetune is not None else step.label
+        stages.append(_measure(label, current, example_inputs, latency_runs, fidelity))
     failures = [f for f in (g.check(stages[-1].fidelity) for g in recipe.gates) if f]
     result = RecipeResult(recipe, current, stages, changes, history, failures,
                           torch.get_num_threads(), source)
