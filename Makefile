@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[cli,hf,plot,bench,dev]"
 	touch $(STAMP)
 
-## demo: the main job: profile the embedded pretrained MiniLM sentence encoder
+## demo: the main job: compress the embedded pretrained MiniLM sentence encoder with the
+## default recipe (int8) on the bundled sentences, verify it, print the before/after table
 demo: $(STAMP)
-	$(VENV)/bin/leantorch profile minilm --seq-len 128 --batch 8 --depth 4
+	$(VENV)/bin/leantorch compress minilm --recipe int8 --out out/minilm-int8
 
 ## test: the test suite (what CI runs)
 test: $(STAMP)
