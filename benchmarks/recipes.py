@@ -1,0 +1,119 @@
+"""Every shipped recipe on the real MiniLM encoder (and the quantization recipes on bert-base
+shapes): size, FLOPs, fidelity on held-out sentences, and latency timed side by side.
+
+Each recipe runs through ``run_recipe`` on the same calibration and evaluation sentences; the
+final models are then timed against the fp32 original in one interleaved loop (same batch,
+2 threads), so the speedups are ratios measured together.
+
+    .venv/bin/python benchmarks/recipes.py [--rounds 15] [--models minilm,bert-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from _common import (
+    error_text,
+    interleaved_timings,
+    machine_info,
+    ratio,
+    setup_threads,
+    summarize,
+    write_results,
+)
+from leantorch.compress.recipe import builtin_recipes, load_recipe, run_recipe
+from leantorch.compress.verify import GateFailure
+from leantorch.data import sentences, split
+from leantorch.models import load_model
+
+# bert-base has random weights here: only the recipes that need no training are meaningful
+RECIPES = {"minilm": None, "bert-base": ("int8", "int4-weight")}
+EVAL_BATCH, EVAL_SEQ = 32, 128
+
+
+def run_model(name: str, rounds: int) -> dict[str, Any]:
+    loaded = load_model(name)
+    calibration_texts, evaluation_texts = split(sentences(), holdout=0.25)
+    evaluation = loaded.batches(evaluation_texts, EVAL_BATCH, EVAL_SEQ, seed=1)
+    timing_batch = evaluation[0]
+    finals: dict[str, torch.nn.Module] = {"original": loaded.model}
+    recipes: dict[str, Any] = {}
+    for recipe_name in RECIPES[name] or builtin_recipes():
+        recipe = load_recipe(recipe_name)
+        cal = recipe.calibration
+        calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size,
+                                     cal.seq_len)
+        start = time.perf_counter()
+        try:
+            result = run_recipe(recipe, loaded.model, calibration=calibration,
+                                evaluation=evaluation, example_inputs=timing_batch,
+                                latency_runs=0, source=name)
+        except GateFailure as failure:
+            result = failure.result
+        except Exception as error:  # record, do not hide, a recipe that breaks
+            recipes[recipe_name] = {"error": error_text(error)}
+            continue
+        entry = result.to_dict()
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        recipes[recipe_name] = entry
+        finals[recipe_name] = result.model
+        print(f"{name} {recipe_name}: {result.stages[-1].fidelity} "
+              f"({'passed' if result.passed else 'FAILED ' + '; '.join(result.failures)})",
+              flush=True)
+
+    def forward(model: torch.nn.Module):
+        def call() -> None:
+            with torch.no_grad():
+                model(**timing_batch) if isinstance(timing_batch, dict) else model(*timing_batch)
+        return call
+
+    for model in finals.values():
+        model.eval()
+    times = interleaved_timings({k: forward(m) for k, m in finals.items()}, warmup=2,
+                                rounds=rounds)
+    base = statistics.median(times["original"])
+    timing = {k: {**summarize(v), "speedup_vs_original": ratio(base, statistics.median(v))}
+              for k, v in times.items()}
+    return {"model": name, "timing_batch": {k: list(v.shape) for k, v in timing_batch.items()},
+            "recipes": recipes, "timing": timing}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--models", default=",".join(RECIPES))
+    args = parser.parse_args(argv)
+    threads = setup_threads()
+    start = time.perf_counter()
+    payload: dict[str, Any] = {
+        "benchmark": "recipes",
+        "description": "shipped recipes: fidelity on held-out sentences and latency of the "
+                       "final model vs the original, timed interleaved in one loop",
+        "threads": threads,
+        "machine": machine_info(),
+        "load_average_before": list(os.getloadavg()),
+        "models": {},
+    }
+    for name in args.models.split(","):
+        payload["models"][name] = run_model(name, args.rounds)
+    payload["load_average_after"] = list(os.getloadavg())
+    payload["script_seconds"] = round(time.perf_counter() - start, 1)
+    path = write_results("recipes", payload)
+    for name, entry in payload["models"].items():
+        for recipe_name, timing in entry["timing"].items():
+            recipe = entry["recipes"].get(recipe_name, {})
+            stages = recipe.get("stages") or [{}]
+            fidelity = (stages[-1].get("fidelity") or {}).get("metrics", {})
+            print(f"{name:10s} {recipe_name:14s} speedup {timing['speedup_vs_original']} "
+                  f"weights {stages[-1].get('param_bytes')} fidelity {fidelity}")
+    print(f"wrote {path} in {payload['script_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
