@@ -77,7 +77,7 @@ def test_merge_is_associative_and_commutative():
         torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 20])
+@pytest.mark.parametrize("num_splits", [1, 3, 20])
 @pytest.mark.parametrize(("q_len", "k_len"), [(1, 13), (6, 13), (13, 13), (9, 4)])
 def test_split_kv_attention_equals_naive_with_gradients(num_splits, q_len, k_len):
     q, k, v = make_qkv(q_heads=6, kv_heads=2, q_len=q_len, k_len=k_len, value_dim=5,
