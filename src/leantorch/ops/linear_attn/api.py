@@ -28,6 +28,7 @@ from leantorch.ops.linear_attn._checks import (
     check_scale,
     check_state_tensor,
 )
+from leantorch.ops.linear_attn._common import finish, with_ones
 from leantorch.ops.linear_attn.chunk import gla_chunk, linear_chunk
 from leantorch.ops.linear_attn.feature_maps import FeatureMap
 from leantorch.ops.linear_attn.feature_maps import feature_map as resolve_feature_map
@@ -103,31 +104,28 @@ def linear_attention(
     chunk_size = check_positive_int(op, "chunk_size", chunk_size)
     eps = check_eps(op, eps)
     phi = resolve_feature_map(feature_map)
-    fq, fk = phi(q), phi(k)
-    batch, heads, _, feat = fk.shape
+    batch, heads, k_len, _ = k.shape
     value_dim = v.shape[-1]
-    # The normaliser z rides along as an extra value column of ones: phi(k)^T [v, 1] holds both
-    # sum phi(k)^T v and sum phi(k), so every mode computes numerator and denominator together.
+    feat = phi(k[:, :, :0]).shape[-1]
+    # With the normaliser (or a state to return) the key sum rides along as an extra value
+    # column of ones (see _common.with_ones).
     with_sum = normalize or return_state
-    values = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1) if with_sum else v
     state = _linear_initial_state(op, initial_state, batch, heads, feat, v, with_sum)
-    if mode == "parallel":
-        out, state = linear_parallel(fq, fk, values, state, causal=causal)
+    prefix = k_len - q.shape[2]
+    if causal and prefix > 0 and mode != "parallel":
+        # Keys before the first query's position are seen by every query: fold them into the
+        # state, leaving q_len == k_len.
+        head = with_ones(v[:, :, :prefix]) if with_sum else v[:, :, :prefix]
+        state = state + phi(k[:, :, :prefix]).transpose(-1, -2) @ head
+        k, v = k[:, :, prefix:], v[:, :, prefix:]
+    if mode == "chunk":
+        out, state = linear_chunk(q, k, v, state, phi=phi, causal=causal, chunk_size=chunk_size,
+                                  normalize=normalize, eps=eps)
     else:
-        prefix = k.shape[2] - q.shape[2]
-        if causal and prefix > 0:
-            # Keys before the first query's position are seen by every query: fold them into
-            # the state, leaving q_len == k_len.
-            state = state + fk[:, :, :prefix].transpose(-1, -2) @ values[:, :, :prefix]
-            fk, values = fk[:, :, prefix:], values[:, :, prefix:]
-        if mode == "recurrent":
-            out, state = linear_recurrent(fq, fk, values, state, causal=causal)
-        else:
-            out, state = linear_chunk(fq, fk, values, state, causal=causal, chunk_size=chunk_size)
-    if normalize:
-        out = out[..., :value_dim] / (out[..., value_dim:] + eps)
-    elif with_sum:
-        out = out[..., :value_dim]
+        values = with_ones(v) if with_sum else v
+        run = linear_parallel if mode == "parallel" else linear_recurrent
+        out, state = run(phi(q), phi(k), values, state, causal=causal)
+        out = finish(out, value_dim, normalize, eps)
     if not return_state:
         return out
     return out, LinearAttentionState(state[..., :value_dim], state[..., value_dim])
@@ -216,8 +214,9 @@ def gated_linear_attention(
     """
     op = "gated_linear_attention"
     check_qkv(op, q, k, v, causal=True)
-    check_log_decay(op, log_decay, k)
     check_mode(op, mode)
+    # The chunk mode checks the values segment by segment, while they are in cache.
+    check_log_decay(op, log_decay, k, values=mode != "chunk")
     chunk_size = check_positive_int(op, "chunk_size", chunk_size)
     scale = check_scale(op, scale, q.shape[-1])
     batch, heads, k_len, key_dim = k.shape
@@ -233,7 +232,7 @@ def gated_linear_attention(
         state = v.new_zeros(shape)
     else:
         state = check_state_tensor(op, "initial_state", initial_state, shape, v)
-    if scale != 1.0:
+    if scale != 1.0 and mode != "chunk":  # the chunk mode scales its output instead
         q = q * scale
     prefix = k_len - q.shape[2]
     if prefix:
@@ -245,8 +244,8 @@ def gated_linear_attention(
     elif mode == "recurrent":
         out, state = gla_recurrent(q, k, v, log_decay, state)
     else:
-        out, state = gla_chunk(
-            q, k, v, log_decay, state, chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+        out, state = gla_chunk(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size,
+                               sub_chunk_size=sub_chunk_size, check_values=op)
     if prefix:
         out = out[:, :, prefix:]
     return (out, state) if return_state else out

@@ -40,9 +40,14 @@ ungated linear attention plus a few elementwise passes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from leantorch.ops.linear_attn._checks import check_log_decay_values
+from leantorch.ops.linear_attn._common import finish, with_ones
+from leantorch.ops.linear_attn.feature_maps import FeatureMap
 
 __all__ = ["gla_chunk", "linear_chunk"]
 
@@ -74,49 +79,65 @@ def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def linear_chunk(
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    values: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     state: torch.Tensor,
     *,
+    phi: FeatureMap,
     causal: bool,
     chunk_size: int,
+    normalize: bool,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise linear attention on feature-mapped inputs.
+    """Chunkwise linear attention.
 
-    fq: (batch, heads, n, feat_dim) with n == k_len when causal (a longer key prefix has been
-    folded into ``state``); fk: (batch, heads, k_len, feat_dim); values: (batch, heads, k_len, e);
-    state: (batch, heads, feat_dim, e). Returns out (batch, heads, n, e) and the final state.
+    q: (batch, heads, n, head_dim) with n == k_len when causal (a longer key prefix has been
+    folded into ``state``); k: (batch, heads, k_len, head_dim); v: (batch, heads, k_len,
+    value_dim); state: (batch, heads, feat_dim, e) with e = value_dim + 1 when it carries the key
+    sum (see :func:`with_ones`), else value_dim. The feature map, the extra column of ones and the
+    normalisation are applied segment by segment, while the data is in cache. Returns out
+    (batch, heads, n, value_dim) and the final state.
     """
+    value_dim = v.shape[-1]
+    carries_sum = state.shape[-1] == value_dim + 1
+
+    def values(x: torch.Tensor) -> torch.Tensor:
+        return with_ones(x) if carries_sum else x
+
     if not causal:  # every query sees every key: one state for all
-        state = state + fk.transpose(-1, -2) @ values
-        return fq @ state, state
-    n = fk.shape[2]
-    segment = _segment_len(fk, fk.shape[-1] * 2 + values.shape[-1], chunk_size)
+        state = state + phi(k).transpose(-1, -2) @ values(v)
+        return finish(phi(q) @ state, value_dim, normalize, eps), state
+    n = k.shape[2]
+    segment = _segment_len(k, state.shape[-2] * 2 + state.shape[-1], chunk_size)
     outputs = []
     for start in range(0, n, segment):
         stop = min(start + segment, n)
         out, state = _linear_segment(
-            fq[:, :, start:stop], fk[:, :, start:stop], values[:, :, start:stop], state,
-            chunk_size)
-        outputs.append(out)
+            phi(q[:, :, start:stop]), phi(k[:, :, start:stop]), values(v[:, :, start:stop]),
+            state, chunk_size)
+        outputs.append(finish(out, value_dim, normalize, eps))
     if not outputs:
-        return fq.new_zeros(*fq.shape[:3], values.shape[-1]), state
+        return q.new_zeros(*q.shape[:3], value_dim), state
     return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
 
 
 def _linear_segment(
     fq: torch.Tensor, fk: torch.Tensor, values: torch.Tensor, state: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    length = fq.shape[2]
-    qc, kc, vc = (_chunked(x, chunk_size) for x in (fq, fk, values))  # (b, h, N, C, .)
+    batch, heads, length, _ = fq.shape
+    qc, kc = _chunked(fq, chunk_size), _chunked(fk, chunk_size)  # (b, h, N, C, f)
+    n_chunks = qc.shape[2]
+    vc = _chunked(values, chunk_size).reshape(-1, chunk_size, values.shape[-1])  # (b*h*N, C, e)
     scores = (qc @ kc.transpose(-1, -2)).tril_()  # causal inside each chunk
-    per_chunk = kc.transpose(-1, -2) @ vc  # (b, h, N, f, e): what each chunk adds to the state
-    through = per_chunk.cumsum(dim=2)  # state after each chunk (minus the initial one)
-    before = torch.cat([torch.zeros_like(through[:, :, :1]), through[:, :, :-1]], dim=2)
-    before = before + state.unsqueeze(2)  # state each chunk starts from
-    out = scores @ vc + qc @ before
-    return out.flatten(2, 3)[:, :, :length], state + through[:, :, -1]
+    written = kc.flatten(0, 2).transpose(1, 2) @ vc  # (b*h*N, f, e): what each chunk adds
+    through = written.unflatten(0, (batch, heads, n_chunks)).cumsum(dim=2)
+    # the state each chunk starts from: the initial one plus every earlier chunk's
+    starts = torch.cat([state.unsqueeze(2), through[:, :, :-1] + state.unsqueeze(2)], dim=2)
+    out = qc.flatten(0, 2) @ starts.flatten(0, 2)
+    out = out.baddbmm_(scores.flatten(0, 2), vc)  # + the intra-chunk part, in place
+    out = out.unflatten(0, (batch, heads, n_chunks)).flatten(2, 3)[:, :, :length]
+    return out, state + through[:, :, -1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,24 +185,40 @@ def choose_sub_chunk(within: torch.Tensor, candidates: list[int]) -> int:
     return 1
 
 
+class ChunkTerms(NamedTuple):
+    """The per-chunk pieces of GLA (shapes for a chunk of C positions, key size dk).
+
+    - ``scores`` (..., C, C), lower triangular: ``sum_i q_ti k_si e^{within_ti - within_si}``.
+    - ``q_read`` (..., C, dk): ``q e^{within}``, reads the state the chunk starts from.
+    - ``k_write`` (..., C, dk): writes the state the chunk ends with. If ``decay_after`` is
+      False it is ``k e^{within_last - within}`` and ``S_next = diag(e^{within_last}) S_prev +
+      k_write^T v``; if True it is ``k e^{-within}`` and ``S_next = diag(e^{within_last})
+      (S_prev + k_write^T v)``, which saves a pass over the keys.
+    """
+
+    scores: torch.Tensor
+    q_read: torch.Tensor
+    k_write: torch.Tensor
+    decay_after: bool
+
+
 def decayed_chunk_scores(
     qc: torch.Tensor, kc: torch.Tensor, within: torch.Tensor, sub_chunk: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> ChunkTerms:
     """The intra-chunk part of GLA, stably (see the module docstring).
 
-    qc, kc, within: (..., C, key_dim), ``within`` the cumulative log decay from the chunk start.
-    Returns ``scores`` (..., C, C), lower triangular: ``scores[t, s] = sum_i q_ti k_si
-    e^{within_ti - within_si}``; ``q_inter = q e^{within}`` (reads the state the chunk starts
-    from); ``k_state = k e^{within_last - within}`` (writes the state it ends with).
+    qc, kc, within: (..., C, key_dim), ``within`` the cumulative log decay from the chunk start
+    (inclusive); ``sub_chunk`` from :func:`choose_sub_chunk`.
     """
     chunk_size = within.shape[-2]
-    last = within[..., -1:, :]
     if sub_chunk == chunk_size:
-        # One sub-block, referenced just before the chunk: q e^{b} <= 1 |q|, k e^{-b} <= e^{spread}.
-        q_inter = qc * within.exp()
-        k_inv = kc * torch.exp(-within)
-        scores = (q_inter @ k_inv.transpose(-1, -2)).tril_()
-        return scores, q_inter, k_inv * last.exp()
+        # One sub-block, referenced just before the chunk: q e^{b} <= |q|, k e^{-b} <=
+        # e^{spread} |k|.
+        growth = within.exp()
+        q_read = qc * growth
+        k_inv = kc / growth
+        scores = (q_read @ k_inv.transpose(-1, -2)).tril_()
+        return ChunkTerms(scores, q_read, k_inv, True)
     n_sub = chunk_size // sub_chunk
     blocks = within.unflatten(-2, (n_sub, sub_chunk))  # (..., J, c, dk)
     reference = blocks[..., :1, :]  # (..., J, 1, dk): log decay at each sub-block's start
@@ -194,7 +231,8 @@ def decayed_chunk_scores(
     exponent = (reference - within.unsqueeze(-3)).masked_fill(after, float("-inf"))
     k_rel = kc.unsqueeze(-3) * exponent.exp()  # (..., J, C, dk)
     scores = (q_rel @ k_rel.transpose(-1, -2)).flatten(-3, -2).tril_()  # (..., C, C)
-    return scores, qc * within.exp(), kc * (last - within).exp()
+    last = within[..., -1:, :]
+    return ChunkTerms(scores, qc * within.exp(), kc * (last - within).exp(), False)
 
 
 def gla_chunk(
@@ -204,16 +242,19 @@ def gla_chunk(
     log_decay: torch.Tensor,
     state: torch.Tensor,
     *,
+    scale: float,
     chunk_size: int,
     sub_chunk_size: int | None = None,
     segment: int | None = None,
+    check_values: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise GLA.
 
-    q (already scaled), k, log_decay: (batch, heads, n, key_dim); v: (batch, heads, n,
-    value_dim); state: (batch, heads, key_dim, value_dim). ``segment`` positions are handled per
-    batched step (None: about 1 MiB of inputs). Returns out (batch, heads, n, value_dim) and the
-    final state.
+    q, k, log_decay: (batch, heads, n, key_dim); v: (batch, heads, n, value_dim); state:
+    (batch, heads, key_dim, value_dim). The output is multiplied by ``scale`` (the same as
+    scaling q). ``segment`` positions are handled per batched step (None: about 1 MiB of
+    inputs). ``check_values`` (the op's name) checks log_decay's values segment by segment.
+    Returns out (batch, heads, n, value_dim) and the final state.
     """
     n = k.shape[2]
     if segment is None:
@@ -222,10 +263,13 @@ def gla_chunk(
     outputs = []
     for start in range(0, n, segment):
         stop = min(start + segment, n)
+        piece = log_decay[:, :, start:stop]
+        if check_values is not None:
+            check_log_decay_values(check_values, piece)
         out, state = _gla_segment(
-            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
-            log_decay[:, :, start:stop], state, chunk_size, candidates)
-        outputs.append(out)
+            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], piece, state,
+            chunk_size, candidates)
+        outputs.append(out if scale == 1.0 else out.mul_(scale))
     if not outputs:
         return q.new_zeros(*q.shape[:3], v.shape[-1]), state
     return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
@@ -240,19 +284,26 @@ def _gla_segment(
     chunk_size: int,
     candidates: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    length = q.shape[2]
+    batch, heads, length, _ = q.shape
     # Padded positions have k = 0 and log decay 0: they change neither the state nor the scores.
-    qc, kc, vc, gc = (_chunked(x, chunk_size) for x in (q, k, v, log_decay))
+    qc, kc, gc = (_chunked(x, chunk_size) for x in (q, k, log_decay))
+    n_chunks = qc.shape[2]
+    vc = _chunked(v, chunk_size).reshape(-1, chunk_size, v.shape[-1])  # one copy, used twice
     within = gc.cumsum(dim=-2)  # (b, h, N, C, dk): log decay from the chunk start
     sub_chunk = choose_sub_chunk(within, candidates)
-    scores, q_inter, k_state = decayed_chunk_scores(qc, kc, within, sub_chunk)
+    terms = decayed_chunk_scores(qc, kc, within, sub_chunk)
     chunk_decay = within[:, :, :, -1, :, None].exp()  # (b, h, N, dk, 1)
-    per_chunk = k_state.transpose(-1, -2) @ vc  # (b, h, N, dk, dv)
+    written = terms.k_write.flatten(0, 2).transpose(1, 2) @ vc  # (b*h*N, dk, dv)
+    written = written.unflatten(0, (batch, heads, n_chunks))
     # The decayed state recurrence is sequential over chunks (a cumulative product in linear
     # space would overflow); it touches only (dk x dv) per chunk.
     starts = []
-    for index in range(qc.shape[2]):
+    for index in range(n_chunks):
         starts.append(state)
-        state = state * chunk_decay[:, :, index] + per_chunk[:, :, index]
-    out = scores @ vc + q_inter @ torch.stack(starts, dim=2)
-    return out.flatten(2, 3)[:, :, :length], state
+        if terms.decay_after:
+            state = (state + written[:, :, index]) * chunk_decay[:, :, index]
+        else:
+            state = torch.addcmul(written[:, :, index], state, chunk_decay[:, :, index])
+    out = terms.q_read.flatten(0, 2) @ torch.stack(starts, dim=2).flatten(0, 2)  # read the state
+    out = out.baddbmm_(terms.scores.flatten(0, 2), vc)  # + the intra-chunk part, in place
+    return out.unflatten(0, (batch, heads, n_chunks)).flatten(2, 3)[:, :, :length], state

@@ -53,7 +53,9 @@ def gla_parallel(
         return q.new_zeros(*q.shape[:3], v.shape[-1]), state
     within = log_decay.cumsum(dim=2)  # log decay from the sequence start (inclusive)
     sub_chunk = choose_sub_chunk(within, sub_chunk_candidates(n, sub_chunk_size))
-    scores, q_inter, k_state = decayed_chunk_scores(q, k, within, sub_chunk)
-    out = scores @ v + q_inter @ state
-    new_state = state * within[:, :, -1, :, None].exp() + k_state.transpose(-1, -2) @ v
+    terms = decayed_chunk_scores(q, k, within, sub_chunk)
+    out = terms.scores @ v + terms.q_read @ state
+    decay = within[:, :, -1, :, None].exp()
+    written = terms.k_write.transpose(-1, -2) @ v
+    new_state = (state + written) * decay if terms.decay_after else state * decay + written
     return out, new_state

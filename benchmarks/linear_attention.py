@@ -1,0 +1,370 @@
+"""Linear attention and gated linear attention (GLA) on CPU: time against causal SDPA, efficiency
+against this machine's matmul rate, the chunk-size choice, and flash-linear-attention's reference
+implementations as an oracle for values and time.
+
+Shapes: batch 1, 8 heads, head_dim = value_dim = 64, float32, 2 threads, forward only (no grad).
+GLA gates are ``F.logsigmoid(x) / 16`` (the GLA paper's parameterisation, x ~ N(0, 1)).
+
+1. ``curve``: at n = 2k, 4k, 8k, 16k, interleaved after warm-up: GLA chunk mode (chunk 64),
+   linear attention chunk mode (elu+1, normalised, chunk 64) and causal
+   ``F.scaled_dot_product_attention``. Medians, the ratio to SDPA, the fitted exponent of time in
+   n (least squares on log-log), and each op's own FLOPs counted by ``leantorch.measure.profile``
+   as achieved GFLOP/s, as a fraction of the machine's matmul rate (``calibrate()``) and as a
+   multiple of the matmul-bound time ``flops / rate``.
+2. ``chunk_sizes``: GLA and linear attention at n = 16k for chunk 16 .. 256.
+3. ``modes``: parallel / recurrent / chunk at n = 2k, and ``gla_step`` latency after a prefill
+   of 2k and 16k tokens (flat: the state has a fixed size).
+4. ``fla``: ``fla.ops.gla.naive.naive_recurrent_gla``, ``fla.ops.linear_attn.naive`` and
+   ``fla.ops.based.naive`` on the same inputs: max abs difference from ours and time, side by side.
+   fla is optional (``pip install flash-linear-attention --no-deps`` + ``fla-core``, ``einops``,
+   ``triton``); when it cannot be imported the error is recorded.
+
+Writes ``benchmarks/results/linear_attention.json``. Run from the repository root:
+``flock /tmp/leantorch-bench.lock .venv/bin/python benchmarks/linear_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from _common import (
+    THREADS,
+    error_text,
+    interleaved_timings,
+    machine_info,
+    ratio,
+    setup_threads,
+    summarize,
+    write_results,
+)
+from leantorch.measure import calibrate, profile
+from leantorch.ops.linear_attn import (
+    gated_linear_attention,
+    gla_step,
+    linear_attention,
+)
+
+HEADS, HEAD_DIM = 8, 64
+LENGTHS = (2048, 4096, 8192, 16384)
+CHUNK = 64
+
+
+class Call(torch.nn.Module):
+    """profile() takes a module: wrap a function."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(*inputs)
+
+
+def make_inputs(length: int, head_dim: int = HEAD_DIM, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, HEADS, length, head_dim)
+    q, k, v, gate = (torch.randn(shape, generator=generator) for _ in range(4))
+    return {"q": q, "k": k, "v": v, "log_decay": F.logsigmoid(gate) / 16}
+
+
+def count_flops(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> dict[str, int]:
+    report = profile(Call(fn), *inputs, latency=False, device_spec=None, activations=False)
+    return {"flops": report.forward.flops, "macs": report.forward.macs,
+            "matmul_flops": report.forward.matmul_flops,
+            "other_flops": report.forward.other_flops}
+
+
+def efficiency(flops: int, seconds: float, rate: float) -> dict[str, float]:
+    return {
+        "gflops_per_s": round(flops / seconds / 1e9, 2),
+        "fraction_of_matmul_rate": round(flops / seconds / rate, 4),
+        "times_matmul_bound": round(seconds / (flops / rate), 3),
+    }
+
+
+def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
+    """Slope of log(time) against log(n), least squares."""
+    xs = [math.log(n) for n in lengths]
+    ys = [math.log(s) for s in seconds]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs)
+
+
+def ops(chunk_size: int = CHUNK) -> dict[str, Callable[..., torch.Tensor]]:
+    return {
+        "gla_chunk": lambda q, k, v, g: gated_linear_attention(q, k, v, g, chunk_size=chunk_size),
+        "linear_elu_chunk": lambda q, k, v, g: linear_attention(q, k, v, chunk_size=chunk_size),
+        "sdpa_causal": lambda q, k, v, g: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    }
+
+
+def run_curve(lengths: tuple[int, ...], warmup: int, rounds: int, rate: float) -> dict[str, Any]:
+    rows = []
+    for length in lengths:
+        inputs = tuple(make_inputs(length).values())
+        fns = {name: (lambda fn=fn, inputs=inputs: fn(*inputs)) for name, fn in ops().items()}
+        with torch.no_grad():
+            times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+            flops = {name: count_flops(fn, *inputs) for name, fn in ops().items()}
+        stats = {name: summarize(samples) for name, samples in times.items()}
+        medians = {name: s["median_s"] for name, s in stats.items()}
+        row = {
+            "n": length,
+            "median_s": medians,
+            "timings": stats,
+            "counted": flops,
+            "efficiency": {name: efficiency(flops[name]["flops"], medians[name], rate)
+                           for name in fns},
+            "sdpa_over": {name: ratio(medians["sdpa_causal"], medians[name], 2)
+                          for name in ("gla_chunk", "linear_elu_chunk")},
+        }
+        rows.append(row)
+        print(f"n={length:6d} " + " | ".join(
+            f"{name} {medians[name] * 1e3:8.1f} ms ({row['efficiency'][name]['gflops_per_s']:6.1f}"
+            f" GF/s, {row['efficiency'][name]['times_matmul_bound']:.2f}x bound)"
+            for name in fns) + f" | SDPA/GLA {row['sdpa_over']['gla_chunk']}x", flush=True)
+    exponents = {
+        name: round(fitted_exponent([r["n"] for r in rows], [r["median_s"][name] for r in rows]),
+                    3)
+        for name in rows[0]["median_s"]
+    } if len(rows) > 1 else {}
+    return {"rows": rows, "fitted_exponent": exponents}
+
+
+def run_chunk_sizes(length: int, sizes: tuple[int, ...], warmup: int, rounds: int,
+                    rate: float) -> dict[str, Any]:
+    inputs = tuple(make_inputs(length).values())
+    fns: dict[str, Callable[[], Any]] = {}
+    counted = {}
+    with torch.no_grad():
+        for size in sizes:
+            for name in ("gla_chunk", "linear_elu_chunk"):
+                fn = ops(size)[name]
+                fns[f"{name}/{size}"] = lambda fn=fn: fn(*inputs)
+                counted[f"{name}/{size}"] = count_flops(fn, *inputs)
+        times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+    rows = {}
+    for key, samples in times.items():
+        median = statistics.median(samples)
+        rows[key] = {"median_s": median, "flops": counted[key]["flops"],
+                     **efficiency(counted[key]["flops"], median, rate)}
+    best = {name: min((k for k in rows if k.startswith(name)), key=lambda k: rows[k]["median_s"])
+            for name in ("gla_chunk", "linear_elu_chunk")}
+    for key, row in rows.items():
+        print(f"  chunk {key:22s} {row['median_s'] * 1e3:8.1f} ms, {row['gflops_per_s']:6.1f} "
+              f"GF/s", flush=True)
+    return {"n": length, "rows": rows, "fastest": best}
+
+
+def run_modes(length: int, warmup: int, rounds: int) -> dict[str, Any]:
+    q, k, v, g = make_inputs(length).values()
+    fns = {
+        f"gla_{mode}": (lambda mode=mode: gated_linear_attention(q, k, v, g, mode=mode))
+        for mode in ("parallel", "recurrent", "chunk")
+    }
+    fns.update({
+        f"linear_elu_{mode}": (lambda mode=mode: linear_attention(q, k, v, mode=mode))
+        for mode in ("parallel", "recurrent", "chunk")
+    })
+    with torch.no_grad():
+        times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+        reference = gated_linear_attention(q, k, v, g, mode="chunk")
+        differences = {
+            f"gla_{mode}": float((gated_linear_attention(q, k, v, g, mode=mode) - reference)
+                                 .abs().max())
+            for mode in ("parallel", "recurrent")
+        }
+    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    for name, median in medians.items():
+        print(f"  mode {name:22s} {median * 1e3:8.1f} ms", flush=True)
+    return {"n": length, "median_s": medians,
+            "max_abs_difference_from_chunk": differences}
+
+
+def run_decode(prefills: tuple[int, ...], steps: int) -> dict[str, Any]:
+    rows = {}
+    with torch.no_grad():
+        for length in prefills:
+            q, k, v, g = make_inputs(length + steps).values()
+            _, state = gated_linear_attention(q[:, :, :length], k[:, :, :length],
+                                              v[:, :, :length], g[:, :, :length],
+                                              return_state=True)
+            samples = []
+            for t in range(length, length + steps):
+                token = slice(t, t + 1)
+                start = time.perf_counter()
+                _, state = gla_step(q[:, :, token], k[:, :, token], v[:, :, token],
+                                    g[:, :, token], state)
+                samples.append(time.perf_counter() - start)
+            rows[str(length)] = {"median_s": statistics.median(samples[steps // 4:]),
+                                 "state_elements": state.numel()}
+            print(f"  gla_step after {length} tokens: "
+                  f"{rows[str(length)]['median_s'] * 1e6:.1f} us/token", flush=True)
+    keys = list(rows)
+    return {"per_token": rows, "ratio_longest_to_shortest": ratio(
+        rows[keys[-1]]["median_s"], rows[keys[0]]["median_s"], 3)}
+
+
+def time_pair(ours: Callable[[], Any], theirs: Callable[[], Any], warmup: int,
+              rounds: int) -> dict[str, Any]:
+    times = interleaved_timings({"ours": ours, "fla": theirs}, warmup=warmup, rounds=rounds)
+    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    return {"median_s": medians, "fla_over_ours": ratio(medians["fla"], medians["ours"], 2)}
+
+
+def run_fla(length: int, warmup: int, rounds: int) -> dict[str, Any]:
+    """fla's reference implementations (layout (batch, seq, heads, dim) unless noted)."""
+    try:
+        import fla  # noqa: F401
+        from fla.ops.based.naive import naive_parallel_based
+        from fla.ops.gla.naive import naive_recurrent_gla
+        from fla.ops.linear_attn.naive import naive_chunk_linear_attn, naive_recurrent_linear_attn
+    except Exception as error:  # ImportError, or triton failing at import
+        return {"available": False, "error": error_text(error)}
+    from importlib import metadata
+
+    result: dict[str, Any] = {"available": True, "n": length, "versions": {
+        name: metadata.version(name) for name in ("flash-linear-attention", "fla-core", "triton")}}
+    q, k, v, g = make_inputs(length).values()
+
+    def bthd(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).contiguous()
+
+    with torch.no_grad():
+        # GLA: fla scales q by key_dim ** -0.5, as we do by default.
+        ours = gated_linear_attention(q, k, v, g)
+        theirs = naive_recurrent_gla(bthd(q), bthd(k), bthd(v), bthd(g))[0].transpose(1, 2)
+        result["gla"] = {
+            "fla_function": "fla.ops.gla.naive.naive_recurrent_gla",
+            "max_abs_difference": float((ours - theirs).abs().max()),
+            "max_abs_output": float(theirs.abs().max()),
+            **time_pair(lambda: gated_linear_attention(q, k, v, g),
+                        lambda: naive_recurrent_gla(bthd(q), bthd(k), bthd(v), bthd(g)),
+                        warmup, rounds),
+        }
+        # Linear attention, identity feature map: fla scales q by head_dim ** -0.5 and adds
+        # 1e-10 to the normaliser; we pass the scaled q and the same eps. With the identity map
+        # the normaliser q.sum(k) has any sign, so the normalised form is compared on |q|, |k|
+        # (a positive normaliser), where it is well posed.
+        for normalize in (False, True):
+            lq, lk = (q.abs(), k.abs()) if normalize else (q, k)
+            scaled = lq * HEAD_DIM**-0.5
+
+            def ours_linear(normalize: bool = normalize, scaled: torch.Tensor = scaled,
+                            lk: torch.Tensor = lk) -> torch.Tensor:
+                return linear_attention(scaled, lk, v, feature_map="identity",
+                                        normalize=normalize, eps=1e-10)
+
+            def fla_recurrent(normalize: bool = normalize, lq: torch.Tensor = lq,
+                              lk: torch.Tensor = lk) -> torch.Tensor:
+                return naive_recurrent_linear_attn(bthd(lq), bthd(lk), bthd(v),
+                                                   normalize=normalize)[0]
+
+            def fla_chunk(normalize: bool = normalize, lq: torch.Tensor = lq,
+                          lk: torch.Tensor = lk) -> torch.Tensor:
+                return naive_chunk_linear_attn(bthd(lq), bthd(lk), bthd(v), normalize=normalize)
+
+            for fla_name, fla_fn in (("naive_recurrent_linear_attn", fla_recurrent),
+                                     ("naive_chunk_linear_attn", fla_chunk)):
+                theirs = fla_fn().transpose(1, 2)
+                result[f"linear_identity_{fla_name}_normalize={normalize}"] = {
+                    "fla_function": f"fla.ops.linear_attn.naive.{fla_name}",
+                    "inputs": "q, k, v ~ N(0, 1)" if not normalize else "|q|, |k|, v",
+                    "max_abs_difference": float((ours_linear() - theirs).abs().max()),
+                    "max_abs_output": float(theirs.abs().max()),
+                    **time_pair(ours_linear, fla_fn, warmup, rounds),
+                }
+        # Based (Taylor feature map) with head_dim 16, as the Based paper's feature dim: fla's
+        # parallel form materialises the n x n matrix (layout (batch, heads, seq, dim)).
+        small = make_inputs(length, head_dim=16, seed=1)
+        qs, ks, vs = small["q"], small["k"], small["v"]
+        ours = linear_attention(qs, ks, vs, feature_map="taylor")
+        theirs = naive_parallel_based(qs, ks, vs, use_norm=True)
+        result["based_taylor"] = {
+            "fla_function": "fla.ops.based.naive.naive_parallel_based",
+            "head_dim": 16,
+            "max_abs_difference": float((ours - theirs).abs().max()),
+            "max_abs_output": float(theirs.abs().max()),
+            **time_pair(lambda: linear_attention(qs, ks, vs, feature_map="taylor"),
+                        lambda: naive_parallel_based(qs, ks, vs, use_norm=True), warmup, rounds),
+        }
+    for name, row in result.items():
+        if isinstance(row, dict) and "max_abs_difference" in row:
+            print(f"  fla {name:55s} |diff| {row['max_abs_difference']:.2e} "
+                  f"(|out| {row['max_abs_output']:.2g}); fla/ours time "
+                  f"{row['fla_over_ours']}x", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--skip-fla", action="store_true")
+    options = parser.parse_args(argv)
+    threads = setup_threads(THREADS)
+    started = time.perf_counter()
+    load_before = list(os.getloadavg())
+    device = calibrate()
+    rate = device.peak(torch.float32)
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({threads} threads), load {load_before}")
+    curve = run_curve(tuple(options.lengths), options.warmup, options.rounds, rate)
+    print(f"fitted exponents: {curve['fitted_exponent']}")
+    chunk_sizes = run_chunk_sizes(max(options.lengths), tuple(options.chunk_sizes),
+                                  options.warmup, options.rounds, rate)
+    modes = run_modes(2048, options.warmup, options.rounds)
+    decode = run_decode((2048, 16384), steps=200)
+    fla = {"skipped": True} if options.skip_fla else run_fla(2048, options.warmup, options.rounds)
+    longest = curve["rows"][-1]
+    payload = {
+        "benchmark": "linear_attention",
+        "description": "GLA and elu linear attention (chunk mode, forward, no grad) against "
+                       "causal SDPA; efficiency against the measured matmul rate; chunk sizes; "
+                       "modes; decode steps; flash-linear-attention's naive references as oracle",
+        "shapes": {"batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "value_dim": HEAD_DIM,
+                   "dtype": "float32", "gates": "F.logsigmoid(randn) / 16"},
+        "threads": threads,
+        "warmup": options.warmup,
+        "rounds": options.rounds,
+        "machine": machine_info(),
+        "device": {"matmul_flops_float32": rate, "bandwidth": device.bandwidth,
+                   "source": device.source},
+        "load_average_before": load_before,
+        "summary": {
+            "n": longest["n"],
+            "sdpa_over_gla_chunk": longest["sdpa_over"]["gla_chunk"],
+            "sdpa_over_linear_elu_chunk": longest["sdpa_over"]["linear_elu_chunk"],
+            "gla_chunk_times_matmul_bound": longest["efficiency"]["gla_chunk"][
+                "times_matmul_bound"],
+            "linear_elu_chunk_times_matmul_bound": longest["efficiency"]["linear_elu_chunk"][
+                "times_matmul_bound"],
+            "fitted_exponent": curve["fitted_exponent"],
+            "targets": {"sdpa_over_gla_chunk_at_least": 3.0,
+                        "gla_chunk_times_matmul_bound_at_most": 4.0},
+        },
+        "curve": curve,
+        "chunk_sizes": chunk_sizes,
+        "modes": modes,
+        "decode": decode,
+        "fla": fla,
+        "load_average_after": list(os.getloadavg()),
+        "script_seconds": round(time.perf_counter() - started, 1),
+    }
+    path = write_results("linear_attention", payload)
+    print(f"wrote {path} in {payload['script_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
