@@ -1,0 +1,212 @@
+"""How much each unit of a group matters: the scoring half of structured pruning.
+
+An importance maps each group to a ``(group.size,)`` score vector (low = cut first). Every
+score is summed over all the tensors a unit occupies, so a head is judged by its query, key,
+value rows and its output-projection columns together.
+
+- ``"l1"`` / ``"l2"``: group magnitude, ``sum |w|`` or ``sqrt(sum w^2)`` over the unit's slices
+  of every weight (biases and buffers left out).
+- ``"bn"``: ``|gamma|`` of the unit's normalisation layers (BatchNorm scale; network slimming);
+  groups without one fall back to ``"l1"``.
+- ``"taylor"``: first-order Taylor, ``sum over batches (sum_slice w * dL/dw)^2`` (Molchanov et
+  al. 2019), the estimated loss change of removing the unit. Needs calibration batches. With
+  ``loss_fn(output, batch)`` the loss is yours; without it the loss is a fixed random
+  projection of the model's output, so the score estimates how much the output moves
+  (expected squared change) when the unit goes.
+- ``"random"``: uniform scores from ``seed`` (the control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from leantorch.compress.graph import DependencyGraph, Group, TensorSlice, default_inputs
+from leantorch.errors import LeanError
+
+__all__ = ["IMPORTANCES", "group_scores", "score_groups"]
+
+IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
+_WEIGHT_ROLES = ("out", "in", "param", "norm", "rows")
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    path, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(path), attr)
+
+
+def _per_unit(group: Group, member: TensorSlice, per_index: torch.Tensor) -> torch.Tensor:
+    """Sum ``per_index`` (one value per index of the member's dimension) into units."""
+    unit_of = member.unit_of
+    valid = unit_of >= 0
+    out = torch.zeros(group.size, dtype=torch.float64)
+    out.index_add_(0, unit_of[valid], per_index.double().cpu()[valid])
+    return out
+
+
+def _reduce_except(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+    values = fn(tensor.detach().double())
+    if values.dim() == 0:
+        return values.reshape(1)
+    dims = [d for d in range(values.dim()) if d != dim]
+    return values.sum(dim=dims) if dims else values
+
+
+def group_scores(model: nn.Module, group: Group, fn: Callable[[torch.Tensor], torch.Tensor],
+                 roles: Sequence[str] = _WEIGHT_ROLES,
+                 tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum over members with a role in roles of fn(tensor)`` summed per unit: (size,)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.tensors:
+        if member.role not in roles:
+            continue
+        tensor = tensors[member.tensor] if tensors is not None else _tensor(model, member.tensor)
+        if not isinstance(tensor, nn.Parameter) and tensors is None:
+            continue
+        total += _per_unit(group, member, _reduce_except(tensor, member.dim, fn))
+    return total
+
+
+def _magnitude(model: nn.Module, groups: Sequence[Group], p: int) -> dict[int, torch.Tensor]:
+    power = (lambda w: w.abs()) if p == 1 else (lambda w: w * w)
+    scores = {}
+    for g in groups:
+        s = group_scores(model, g, power)
+        scores[g.id] = s if p == 1 else s.sqrt()
+    return scores
+
+
+def _bn(model: nn.Module, groups: Sequence[Group]) -> tuple[dict[int, torch.Tensor], list[str]]:
+    scores, fallback = {}, []
+    for g in groups:
+        norms = [m for m in g.tensors if m.role == "norm" and m.tensor.endswith("weight")]
+        if not norms:
+            fallback.append(g.name)
+            scores[g.id] = group_scores(model, g, lambda w: w.abs())
+            continue
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for member in norms:
+            total += _per_unit(g, member, _tensor(model, member.tensor).detach().abs())
+        scores[g.id] = total
+    return scores, fallback
+
+
+def _random(groups: Sequence[Group], seed: int) -> dict[int, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {g.id: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in groups}
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    if hasattr(output, "last_hidden_state") and isinstance(output.last_hidden_state,
+                                                           torch.Tensor):
+        return output.last_hidden_state
+    for leaf in tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    if isinstance(output, dict | tuple | list):
+        for value in (output.values() if isinstance(output, dict) else output):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    raise LeanError("taylor importance: the model output holds no floating-point tensor; pass "
+                    "loss_fn(output, batch) -> scalar")
+
+
+def _taylor(model: nn.Module, groups: Sequence[Group], calibration: Sequence[Any],
+            loss_fn: Callable[[Any, Any], torch.Tensor] | None, seed: int
+            ) -> dict[int, torch.Tensor]:
+    if not calibration:
+        raise LeanError("importance='taylor' needs calibration data: a list of model inputs "
+                        "(each a tuple of positional inputs or a dict of keyword inputs)")
+    params = dict(model.named_parameters())
+    names = {m.tensor for g in groups for m in g.tensors if m.tensor in params}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    scores = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    generator = torch.Generator().manual_seed(seed)
+    projection: torch.Tensor | None = None
+    training = model.training
+    try:
+        model.eval()
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+            p.grad = None
+        for batch in calibration:
+            args, kwargs = default_inputs(model, batch)
+            with torch.enable_grad():
+                output = model(*args, **kwargs)
+                if loss_fn is not None:
+                    loss = loss_fn(output, batch)
+                else:
+                    out = _first_tensor(output)
+                    if projection is None or projection.shape != out.shape[-1:]:
+                        projection = torch.randn(out.shape[-1], generator=generator,
+                                                 dtype=out.dtype).to(out.device)
+                    loss = (out * projection).sum()
+                loss.backward()
+            products = {n: (params[n].detach() * params[n].grad).double() for n in names
+                        if params[n].grad is not None}
+            for g in groups:
+                z = torch.zeros(g.size, dtype=torch.float64)
+                for member in g.tensors:
+                    if member.tensor not in products:
+                        continue
+                    product = products[member.tensor]
+                    dims = [d for d in range(product.dim()) if d != member.dim]
+                    per_index = product.sum(dim=dims) if dims else product
+                    z += _per_unit(g, member, per_index)
+                scores[g.id] += z * z
+            for n in names:
+                params[n].grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = grads[n]
+        model.train(training)
+    return scores
+
+
+def score_groups(
+    model: nn.Module,
+    graph: DependencyGraph,
+    groups: Sequence[Group],
+    importance: str | Callable[..., dict[int, torch.Tensor]] = "l2",
+    *,
+    calibration: Sequence[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Scores ``{group id: (size,) float64}`` for ``groups`` and notes about how they were made.
+
+    ``importance`` is a name (see the module docstring) or a callable
+    ``fn(model, graph, groups, calibration=...) -> {group id: scores}``."""
+    notes: dict[str, Any] = {}
+    if callable(importance):
+        scores = importance(model, graph, groups, calibration=calibration)
+    elif importance == "l1":
+        scores = _magnitude(model, groups, 1)
+    elif importance == "l2":
+        scores = _magnitude(model, groups, 2)
+    elif importance == "bn":
+        scores, fallback = _bn(model, groups)
+        if fallback:
+            notes["bn_fallback_to_l1"] = fallback
+    elif importance == "taylor":
+        scores = _taylor(model, groups, calibration or [], loss_fn, seed)
+    elif importance == "random":
+        scores = _random(groups, seed)
+    else:
+        raise LeanError(f"importance must be one of {', '.join(IMPORTANCES)} or a callable, got "
+                        f"{importance!r}")
+    for g in groups:
+        s = scores.get(g.id)
+        if s is None or tuple(s.shape) != (g.size,):
+            raise LeanError(f"importance {importance!r} gave no (size,) scores for group "
+                            f"{g.name!r}")
+    return scores, notes

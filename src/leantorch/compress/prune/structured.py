@@ -1,0 +1,295 @@
+"""Structured pruning: remove whole channels, attention heads, MLP neurons, embedding width or
+experts, so the result is an ordinary dense model with smaller tensors.
+
+Three separate pieces, in the spirit of Torch-Pruning's design:
+
+- the graph (:mod:`leantorch.compress.graph`) says which dimensions are coupled (the groups);
+- the importance (:mod:`leantorch.compress.prune.importance`) scores each unit of a group;
+- the strategy (here, :func:`plan_removal`) decides how many units each group loses: a
+  per-group ratio (default), or one global ranking per kind of unit (``global_ranking``),
+  with per-module overrides, ``round_to`` (the kept size of each cut tensor dimension is a
+  multiple of it, e.g. 8 for SIMD-friendly widths), a ceiling ``max_ratio`` so no group
+  collapses, and modules to ``ignore`` (their own output size is kept).
+
+:func:`prune_structured` (registered as ``prune.structured``) runs the three and then
+:func:`leantorch.compress.prune.layers.remove_units`, and checks that the pruned model runs
+and gives outputs of the original shapes. :func:`mask_units` is the readable reference: it
+zeroes the same slices in place of removing them; for groups marked ``exact`` the two models
+compute the same function.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from leantorch.compress.change import Change, apply_transform
+from leantorch.compress.graph import DependencyGraph, Group, build_graph, default_inputs
+from leantorch.compress.prune.importance import IMPORTANCES, score_groups
+from leantorch.compress.prune.layers import remove_units
+from leantorch.compress.registry import register_transform
+from leantorch.errors import LeanError, LeanTypeError, describe
+
+__all__ = ["KINDS", "mask_units", "plan_removal", "prune_structured"]
+
+KINDS = ("channels", "heads", "kv_heads", "neurons", "width", "experts")
+_OWN_OUTPUT_ROLES = ("out", "param", "norm")
+
+
+def _check_ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise LeanError(f"prune.structured: {name} must be a number in [0, 1), got "
+                        f"{describe(value)}")
+    return float(value)
+
+
+def _units(units: str | Sequence[str]) -> list[str]:
+    chosen = [units] if isinstance(units, str) else list(units)
+    if chosen == ["all"]:
+        return list(KINDS)
+    unknown = [u for u in chosen if u not in KINDS]
+    if unknown or not chosen:
+        raise LeanError(f"prune.structured: units must be among {', '.join(KINDS)} (or 'all'), "
+                        f"got {describe(units)}")
+    return chosen
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _ignored(group: Group, patterns: Sequence[str]) -> str | None:
+    """The ignored module whose own output size this group would change, if any."""
+    for member in group.tensors:
+        if member.role in _OWN_OUTPUT_ROLES and _matches(member.module, patterns):
+            return member.module
+    return None
+
+
+def _override(group: Group, per_layer: dict[str, float]) -> float | None:
+    producers = {m.module for m in group.tensors if m.role in _OWN_OUTPUT_ROLES}
+    for pattern, ratio in per_layer.items():
+        if fnmatch.fnmatchcase(group.name, pattern) or any(
+                fnmatch.fnmatchcase(m, pattern) for m in producers):
+            return ratio
+    return None
+
+
+def _kept_size(group: Group, keep: int, round_to: int | None) -> int:
+    """The smallest kept count >= keep whose widest cut dimension is a multiple of round_to."""
+    keep = max(1, min(group.size, keep))
+    if not round_to:
+        return keep
+    for k in range(keep, group.size + 1):
+        if (k * group.unit_width) % round_to == 0:
+            return k
+    return group.size
+
+
+def plan_removal(
+    groups: Sequence[Group],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    *,
+    global_ranking: bool = False,
+    per_layer: dict[str, float] | None = None,
+    round_to: int | None = None,
+    max_ratio: float = 0.9,
+) -> dict[int, list[int]]:
+    """Units to remove ``{group id: sorted unit indices}``: the lowest-scored units, ``ratio``
+    of each group (or, with ``global_ranking``, of all units of each kind, ranked by scores
+    normalised by their group's mean), never more than ``max_ratio`` of a group and never all
+    of it; kept counts rounded up so cut dimensions are multiples of ``round_to``."""
+    per_layer = per_layer or {}
+    targets: dict[int, int] = {}  # group id -> units to remove
+    pooled: dict[str, list[Group]] = {}
+    for g in groups:
+        override = _override(g, per_layer)
+        group_ratio = ratio if override is None else override
+        if global_ranking and override is None:
+            pooled.setdefault(g.kind, []).append(g)
+        else:
+            targets[g.id] = math.floor(group_ratio * g.size + 1e-9)
+    for members in pooled.values():
+        entries = []
+        for g in members:
+            s = scores[g.id]
+            normalised = s / s.mean().clamp_min(1e-300)
+            entries.extend((float(v), g.id, i) for i, v in enumerate(normalised))
+        budget = math.floor(ratio * len(entries) + 1e-9)
+        counts = dict.fromkeys((g.id for g in members), 0)
+        caps = {g.id: min(g.size - 1, math.floor(max_ratio * g.size + 1e-9)) for g in members}
+        for _value, gid, _i in sorted(entries):
+            if budget <= 0:
+                break
+            if counts[gid] < caps[gid]:
+                counts[gid] += 1
+                budget -= 1
+        targets.update(counts)
+    plan = {}
+    by_id = {g.id: g for g in groups}
+    for gid, remove in targets.items():
+        g = by_id[gid]
+        remove = min(remove, g.size - 1, math.floor(max_ratio * g.size + 1e-9))
+        keep = _kept_size(g, g.size - remove, round_to)
+        remove = g.size - keep
+        if remove <= 0:
+            continue
+        order = torch.argsort(scores[gid], stable=True)
+        plan[gid] = sorted(int(u) for u in order[:remove])
+    return plan
+
+
+def mask_units(model: nn.Module, graph: DependencyGraph, removed: dict[int, Iterable[int]]
+               ) -> nn.Module:
+    """The reference: zero (in place) every slice the removal would cut, and return ``model``.
+    For ``exact`` groups this model computes what the physically pruned one does."""
+    with torch.no_grad():
+        for group_id, units in removed.items():
+            for name, dim, indices in graph.group(group_id).slices(units):
+                path, _, attr = name.rpartition(".")
+                tensor = getattr(model.get_submodule(path), attr)
+                tensor.index_fill_(dim, indices.to(tensor.device), 0)
+    return model
+
+
+def _outputs(model: nn.Module, inputs: Any) -> Any:
+    args, kwargs = default_inputs(model, inputs)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        model.train(training)
+
+
+def _shapes(output: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+@register_transform("prune.structured")
+def prune_structured(
+    model: nn.Module,
+    *,
+    ratio: float = 0.3,
+    units: str | Sequence[str] = ("channels", "heads", "neurons"),
+    importance: str | Callable[..., dict[int, torch.Tensor]] = "l2",
+    global_ranking: bool = False,
+    per_layer: dict[str, float] | None = None,
+    round_to: int | None = None,
+    ignore: str | Sequence[str] | None = None,
+    max_ratio: float = 0.9,
+    leaf_modules: Sequence[str] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    seed: int = 0,
+    example_inputs: Any = None,
+    calibration: Sequence[Any] | None = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, Change]:
+    """Remove ``ratio`` of the units of every prunable group whose kind is in ``units``.
+
+    Args:
+        ratio: fraction of each group's units to remove (of each kind's units with
+            ``global_ranking``), in [0, 1). 0 returns an identical model.
+        units: kinds to cut: ``"channels"``, ``"heads"``, ``"kv_heads"``, ``"neurons"``,
+            ``"width"``, ``"experts"``, or ``"all"``.
+        importance: ``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"`` (needs ``calibration``),
+            ``"random"``, or a callable (see :func:`score_groups`).
+        global_ranking: rank units of a kind across all groups instead of per group.
+        per_layer: ``{glob pattern: ratio}`` overriding ``ratio`` for groups whose name, or a
+            module whose output size the group sets, matches (first match wins; 0 leaves
+            them alone).
+        round_to: keep cut dimensions at multiples of this (8 for vector-friendly widths).
+        ignore: module path patterns whose own output size must not change (a classifier).
+        max_ratio: the most any one group may lose.
+        leaf_modules: modules the graph treats as black boxes (see ``build_graph``).
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"``.
+        example_inputs: inputs to trace the model on (default: the first calibration batch).
+        calibration: model inputs for ``"taylor"`` (a list of tuples or dicts).
+
+    Returns ``(pruned model, Change)``; ``change.details`` lists every group cut (units before
+    and after, and ``removed``: the unit indices per group name), the transformers config
+    values updated; ``change.skipped`` the groups left alone and why.
+    """
+    ratio = _check_ratio("ratio", ratio)
+    max_ratio = float(max_ratio)
+    kinds = _units(units)
+    if isinstance(importance, str) and importance not in IMPORTANCES:
+        raise LeanError(f"prune.structured: importance must be one of {', '.join(IMPORTANCES)} "
+                        f"or a callable, got {importance!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
+                                 or round_to < 1):
+        raise LeanError(f"prune.structured: round_to must be a positive integer, got "
+                        f"{describe(round_to)}")
+    per_layer = dict(per_layer or {})
+    for pattern, value in per_layer.items():
+        if not isinstance(pattern, str):
+            raise LeanTypeError(f"prune.structured: per_layer keys must be glob patterns, got "
+                                f"{describe(pattern)}")
+        _check_ratio(f"per_layer[{pattern!r}]", value)
+    ignore_patterns = [ignore] if isinstance(ignore, str) else list(ignore or [])
+    inputs = example_inputs if example_inputs is not None else \
+        (calibration[0] if calibration else None)
+    if inputs is None:
+        raise LeanError("prune.structured needs example_inputs (or calibration data) to trace "
+                        "the model's dependency graph")
+    if importance == "taylor" and not calibration:
+        raise LeanError("prune.structured: importance='taylor' needs calibration data (a list "
+                        "of model inputs)")
+    params = {"ratio": ratio, "units": kinds, "importance": importance if isinstance(
+        importance, str) else getattr(importance, "__name__", "callable"),
+        "global_ranking": global_ranking, "per_layer": per_layer, "round_to": round_to,
+        "ignore": ignore_patterns, "max_ratio": max_ratio}
+
+    def edit(target: nn.Module, change: Change) -> None:
+        graph = build_graph(target, inputs, leaf_modules=leaf_modules)
+        candidates = []
+        for g in graph.groups(kind=kinds):
+            if not g.prunable:
+                change.skipped[g.name] = "; ".join(g.reasons)
+                continue
+            module = _ignored(g, ignore_patterns)
+            if module is not None:
+                change.skipped[g.name] = f"ignored module {module}"
+                continue
+            candidates.append(g)
+        if ratio == 0 and not any(per_layer.values()):
+            change.details["groups"] = {}
+            return
+        scores, notes = score_groups(target, graph, candidates, importance,
+                                     calibration=calibration, loss_fn=loss_fn, seed=seed)
+        plan = plan_removal(candidates, scores, ratio, global_ranking=global_ranking,
+                            per_layer=per_layer, round_to=round_to, max_ratio=max_ratio)
+        reference = _shapes(_outputs(target, inputs))
+        removal = remove_units(target, graph, plan)
+        try:
+            after = _shapes(_outputs(target, inputs))
+        except Exception as error:
+            raise LeanError(
+                f"prune.structured: the pruned model no longer runs ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:300]}); some module keeps a size the graph "
+                "cannot update: leave its groups alone with ignore=[...] or per_layer={...: 0}"
+            ) from error
+        if after != reference:
+            raise LeanError(f"prune.structured: output shapes changed from {reference} to "
+                            f"{after}; this is a bug in the dependency graph, please report it")
+        by_id = {g.id: g for g in candidates}
+        change.details["groups"] = {
+            by_id[gid].name: {"kind": by_id[gid].kind, "before": by_id[gid].size,
+                              "after": by_id[gid].size - len(u), "exact": by_id[gid].exact}
+            for gid, u in plan.items()}
+        change.details["removed"] = {by_id[gid].name: units for gid, units in plan.items()}
+        change.details["config"] = {p: {k: list(v) for k, v in e.items()}
+                                    for p, e in removal.config.items()}
+        change.details.update(notes)
+        change.replaced.extend(sorted({name.rpartition(".")[0] for name in removal.tensors}))
+
+    return apply_transform("prune.structured", model, edit, params=params,
+                           example_inputs=example_inputs, inplace=inplace)
