@@ -68,6 +68,28 @@ def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
+class _Gather:
+    """Collects per-segment outputs along positions. Without autograd they are copied straight
+    into the final tensor while still in cache; with autograd they are concatenated at the end
+    (copying into slices would chain one full-size CopySlices node per segment)."""
+
+    def __init__(self, like: torch.Tensor, shape: tuple[int, ...], *inputs: torch.Tensor) -> None:
+        tracked = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        self.pieces: list[torch.Tensor] = []
+        self.out = None if tracked else like.new_empty(shape)
+
+    def add(self, start: int, piece: torch.Tensor) -> None:
+        if self.out is None:
+            self.pieces.append(piece)
+        else:
+            self.out[:, :, start:start + piece.shape[2]] = piece
+
+    def result(self) -> torch.Tensor:
+        if self.out is not None:
+            return self.out
+        return torch.cat(self.pieces, dim=2) if len(self.pieces) > 1 else self.pieces[0]
+
+
 def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """(batch, heads, n, d) -> (batch, heads, n_chunks, chunk_size, d), padding the last chunk."""
     n_chunks = -(-x.shape[2] // chunk_size)
@@ -109,17 +131,17 @@ def linear_chunk(
         state = state + phi(k).transpose(-1, -2) @ values(v)
         return finish(phi(q) @ state, value_dim, normalize, eps), state
     n = k.shape[2]
+    if n == 0:
+        return q.new_zeros(*q.shape[:3], value_dim), state
     segment = _segment_len(k, state.shape[-2] * 2 + state.shape[-1], chunk_size)
-    outputs = []
+    outputs = _Gather(v, (*q.shape[:3], value_dim), q, k, v, state)
     for start in range(0, n, segment):
         stop = min(start + segment, n)
         out, state = _linear_segment(
             phi(q[:, :, start:stop]), phi(k[:, :, start:stop]), values(v[:, :, start:stop]),
             state, chunk_size)
-        outputs.append(finish(out, value_dim, normalize, eps))
-    if not outputs:
-        return q.new_zeros(*q.shape[:3], value_dim), state
-    return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
+        outputs.add(start, finish(out, value_dim, normalize, eps))
+    return outputs.result(), state
 
 
 def _linear_segment(
@@ -260,7 +282,9 @@ def gla_chunk(
     if segment is None:
         segment = _segment_len(k, 3 * k.shape[-1] + v.shape[-1], chunk_size)
     candidates = sub_chunk_candidates(chunk_size, sub_chunk_size)
-    outputs = []
+    if n == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), state
+    outputs = _Gather(v, (*q.shape[:3], v.shape[-1]), q, k, v, log_decay, state)
     for start in range(0, n, segment):
         stop = min(start + segment, n)
         piece = log_decay[:, :, start:stop]
@@ -269,10 +293,8 @@ def gla_chunk(
         out, state = _gla_segment(
             q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], piece, state,
             chunk_size, candidates)
-        outputs.append(out if scale == 1.0 else out.mul_(scale))
-    if not outputs:
-        return q.new_zeros(*q.shape[:3], v.shape[-1]), state
-    return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]), state
+        outputs.add(start, out if scale == 1.0 else out.mul_(scale))
+    return outputs.result(), state
 
 
 def _gla_segment(
