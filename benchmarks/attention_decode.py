@@ -21,7 +21,7 @@ its own at the smallest L (flat = about 1). Writes ``benchmarks/results/attentio
 
 Run from the repository root:
 ``flock /tmp/leantorch-bench.lock .venv/bin/python benchmarks/attention_decode.py``
-(``--quick`` for a short smoke run that writes ``attention_decode_quick.json``).
+(``--quick``: a short smoke run that prints and writes nothing).
 """
 
 from __future__ import annotations
@@ -234,7 +234,10 @@ def main() -> None:
     }
     payload["load_average_before"] = LOAD_BEFORE
     payload["load_average_after"] = list(os.getloadavg())
-    path = write_results("attention_decode_quick" if args.quick else "attention_decode", payload)
+    if args.quick:  # a smoke run: print, never overwrite the real results
+        print({key: payload[key] for key in ("summary", "peer_max_abs_diff_vs_exact")})
+        return
+    path = write_results("attention_decode", payload)
     print(f"wrote {path}")
 
 

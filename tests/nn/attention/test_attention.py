@@ -257,3 +257,12 @@ def test_bad_calls_raise_lean_errors() -> None:
         make("gla")(x, cache)
     with pytest.raises(LeanError, match="max_len=8"):
         layer(x, KVCache.static(8))
+
+
+def test_window_of_one_returns_each_tokens_own_value() -> None:
+    layer, x = make("sliding", window=1), tokens()
+    own_value = layer.v_proj(x).unflatten(-1, (2, -1)).repeat_interleave(2, dim=2).flatten(2)
+    torch.testing.assert_close(layer(x), layer.o_proj(own_value), **TIGHT)
+    for cache in (KVCache.dynamic(), KVCache.static(4)):
+        torch.testing.assert_close(decode(layer, x, cache, 3), layer(x), **TIGHT)
+        assert cache.nbytes() == 0  # nothing from the past is needed

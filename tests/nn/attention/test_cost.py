@@ -53,7 +53,7 @@ def test_mla_absorbed_step_never_up_projects_the_cache() -> None:
     latent = DIM * rank + DIM * rope_dim
     out = HEADS * HD * DIM
     absorbed = (queries + latent + out + HEADS * HD * rank        # W_UK on the query
-                + HEADS * keys * (rank + rope_dim + rank)         # scores and latent average
+                + HEADS * keys * 2 * (rank + rope_dim)            # scores, average of [c, k_R]
                 + HEADS * rank * HD)                              # W_UV on the output
     unabsorbed = (queries + latent + out + keys * rank * 2 * HEADS * HD   # rebuild K and V
                   + HEADS * keys * (HD + rope_dim + HD))

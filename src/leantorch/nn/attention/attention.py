@@ -67,6 +67,13 @@ def _repeat_kv(x: Tensor, group: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def _kept_indices(keep: Tensor) -> Tensor:
+    """``keep (batch, heads, L)`` bool, the same count per row -> ``(batch, heads, count)``
+    ascending indices of the True entries."""
+    count = int(keep[(0,) * (keep.dim() - 1)].sum())
+    return (~keep).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]
+
+
 def _gather_entries(x: Tensor | None, index: Tensor) -> Tensor | None:
     """Entries ``index`` ((kept,) or (batch, heads, kept)) of ``x (batch, heads, L, ...)``."""
     if x is None:
@@ -498,10 +505,18 @@ class Attention(nn.Module):
                           votes_query: Tensor | Callable[[], Tensor], scale: float) -> Tensor:
         """Write the new keys/values to the layer's buffer and attend over everything kept.
 
-        Unbounded layers append in place and attend over a view of the buffer. Sliding windows
-        and evicting layers attend over ``cached ++ new`` and then keep only the last ``window -
-        1`` entries, or what the policy selects (``votes_query`` are the queries whose attention
-        the policy may use, ``scale`` their softmax scale).
+        Unbounded layers append in place and attend over a view of the buffer. Bounded layers
+        (sliding windows keep their last ``window - 1`` entries; evicting layers what the policy
+        selects, from the attention of ``votes_query`` at softmax ``scale``) attend over cached
+        and new entries, then drop the rest:
+
+        * one new token (decoding): appended in place; when it pushes exactly one entry out of
+          each row, the last entry moves into the freed slot, so a step copies O(1) entries,
+          not the whole budget. Entries are then no longer in position order, which softmax
+          attention over past keys does not need (keys carry their RoPE, and every cached entry
+          is visible to every new query);
+        * several new tokens (a prompt): attention over ``cached ++ new``, then the kept entries
+          are gathered into the buffer.
         """
         sliding = self.kind in ("sliding", "based")
         policy = None if sliding else cache.policy
@@ -512,37 +527,66 @@ class Attention(nn.Module):
         if entry.kv is None:
             bound = self.window - 1 if sliding else (
                 policy.budget if policy is not None and policy.bounded else None)
-            entry.kv = cache.new_buffer(bound)
+            # room for one token beyond the bound: decoding appends before it evicts
+            entry.kv = cache.new_buffer(None if bound is None else bound + 1)
         buffer = entry.kv
-        new_positions = positions.expand(k.shape[0], k.shape[1], k.shape[2])
+        num_new = k.shape[2]
+        new_positions = positions.expand(k.shape[0], k.shape[1], num_new)
         if not sliding and policy is None:
             buffer.append(k, v, new_positions)
             keys, values, key_positions = buffer.view()
             return attend(keys, values, key_positions)
 
-        cached_keys, cached_values, cached_positions = buffer.view()
-        if cached_keys is None:
-            keys, values, key_positions = k, v, new_positions
+        in_place = num_new == 1 and (buffer.max_len is None
+                                     or buffer.length + 1 <= buffer.max_len)
+        if in_place:
+            buffer.append(k, v, new_positions)
+            keys, values, key_positions = buffer.view()
         else:
-            keys = torch.cat((cached_keys, k), dim=2)
-            values = None if v is None else torch.cat((cached_values, v), dim=2)
-            key_positions = torch.cat((cached_positions, new_positions), dim=2)
+            cached_keys, cached_values, cached_positions = buffer.view()
+            if cached_keys is None or cached_keys.shape[2] == 0:
+                keys, values, key_positions = k, v, new_positions
+            else:
+                if sliding:  # the banded op needs the cached keys back in position order
+                    order = cached_positions[0, 0].argsort()
+                    cached_keys, cached_positions = (cached_keys[:, :, order],
+                                                     cached_positions[:, :, order])
+                    cached_values = cached_values[:, :, order]
+                keys = torch.cat((cached_keys, k), dim=2)
+                values = None if v is None else torch.cat((cached_values, v), dim=2)
+                key_positions = torch.cat((cached_positions, new_positions), dim=2)
         out = attend(keys, values, key_positions)
 
-        length = keys.shape[2]
         scores = None
         if sliding:
-            keep = torch.arange(max(0, length - (self.window - 1)), length, device=k.device)
+            newest = key_positions.amax(dim=-1, keepdim=True)
+            keep = key_positions > newest - (self.window - 1)
         else:
             def votes(last: int) -> Tensor:
                 query = votes_query() if callable(votes_query) else votes_query
                 return attention_votes(query[:, :, -last:], keys, scale=scale)
 
-            keep, scores = policy.select(length, k.shape[2], votes, buffer.valid_scores())
-            if keep is None:
-                keep = torch.arange(length, device=k.device)
-        buffer.replace(_gather_entries(keys, keep), _gather_entries(values, keep),
-                       _gather_entries(key_positions, keep), scores)
+            old_scores = buffer.valid_scores()
+            if in_place and old_scores is not None:
+                old_scores = old_scores[:, :, :-1]
+            keep, scores = policy.select(key_positions, num_new, votes, old_scores)
+
+        if in_place:
+            if scores is not None:
+                buffer.set_scores(scores)
+            if keep is not None:
+                dropped = (~keep).sum(dim=-1)
+                if bool((dropped == 1).all()):
+                    buffer.evict_one(keep.to(torch.uint8).argmin(dim=-1))
+                elif bool(dropped.any()):
+                    buffer.keep(keep)
+            return out
+        if keep is None:
+            buffer.replace(keys, values, key_positions, scores)
+            return out
+        index = _kept_indices(keep)
+        buffer.replace(_gather_entries(keys, index), _gather_entries(values, index),
+                       _gather_entries(key_positions, index), _gather_entries(scores, index))
         return out
 
     # ------------------------------------------------------------------ MLA
@@ -596,13 +640,28 @@ class Attention(nn.Module):
                              scale=self.scale)
 
     def _mla_absorbed(self, q_nope, q_rope, latent, causal, key_padding_mask) -> Tensor:
-        """Attend in latent space: MQA with one KV head whose keys are the latent (plus the RoPE
-        key) and whose values are the latent; W_UV is applied to the (per-head) result."""
+        """Attend in latent space: MQA with one KV head whose keys are ``[c, k_R]``; W_UV is
+        applied to the (per-head) result.
+
+        The values are the whole cached row ``[c, k_R]`` and the last ``rope_dim`` output
+        channels are dropped: exactly ``softmax(.) c``, at ``rope_dim / kv_lora_rank`` extra AV
+        work, but with keys and values of one size, so torch's fused SDPA kernel applies (a
+        value size differing from the key size sends SDPA to its math path). When no causal
+        mask is needed (one new token, or ``causal=False``) the heads are folded into the query
+        axis, ``(batch, 1, heads * n, d_c + d_R)``: single-head attention over the latent, with
+        no per-head copy of it.
+        """
         q = self._mla_absorbed_query(q_nope, q_rope)
-        out_latent = ops.attention(q, latent, latent[..., : self.kv_lora_rank], causal=causal,
+        batch, heads, n, width = q.shape
+        if n == 1 or not causal:
+            folded = ops.attention(q.reshape(batch, 1, heads * n, width), latent, latent,
                                    key_padding_mask=key_padding_mask, scale=self.scale)
+            out = folded.view(batch, heads, n, width)
+        else:
+            out = ops.attention(q, latent, latent, causal=True,
+                                key_padding_mask=key_padding_mask, scale=self.scale)
         w_uv = self.v_up.weight.view(self.num_heads, self.value_dim, self.kv_lora_rank)
-        return torch.einsum("bhnc,hvc->bhnv", out_latent, w_uv)
+        return torch.einsum("bhnc,hvc->bhnv", out[..., : self.kv_lora_rank], w_uv)
 
     def _mla_heads(self, x, positions, cache, entry, key_padding_mask, absorb) -> Tensor:
         q_nope, q_rope = self._mla_queries(x, positions)

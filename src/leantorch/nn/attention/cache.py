@@ -149,6 +149,8 @@ class KVBuffer:
         self._check(keys)
         n = keys.shape[2]
         self.length = 0  # nothing to keep while reserving
+        if n == 0:  # e.g. a window of 1 keeps no past entry
+            return
         self._reserve(n, keys, values)
         self.keys[:, :, :n] = keys
         if values is not None:
@@ -159,6 +161,45 @@ class KVBuffer:
                 self.scores = scores.new_zeros((*keys.shape[:2], self.capacity))
             self.scores[:, :, :n] = scores
         self.length = n
+
+    def set_scores(self, scores: Tensor) -> None:
+        """Set the accumulated scores ``(batch, heads, length)`` of the valid entries."""
+        if self.scores is None or self.scores.shape[2] < self.capacity:
+            old = self.scores
+            self.scores = scores.new_zeros((*scores.shape[:2], self.capacity))
+            if old is not None:
+                self.scores[:, :, : old.shape[2]] = old
+        self.scores[:, :, : self.length] = scores
+
+    def evict_one(self, slot: Tensor) -> None:
+        """Drop entry ``slot[b, h]`` of every row ``(b, h)`` by moving the row's last entry into
+        it (a no-op move when the last entry is the one dropped): O(1) entries copied."""
+        last = self.length - 1
+        index = slot.unsqueeze(-1)  # (batch, heads, 1)
+        for name in ("keys", "values", "positions", "scores"):
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            tail = tensor[:, :, last:last + 1].clone()  # clone: source and target may alias
+            where = index if tensor.dim() == 3 else \
+                index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1])
+            tensor.scatter_(2, where, tail)
+        self.length = last
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep the valid entries where ``mask (batch, heads, length)`` is True (the same count
+        in every row), in their current order."""
+        count = int(mask[(0,) * (mask.dim() - 1)].sum())
+        index = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]
+        for name in ("keys", "values", "positions", "scores"):
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            valid = tensor[:, :, : self.length]
+            where = index if tensor.dim() == 3 else \
+                index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1])
+            tensor[:, :, :count] = valid.gather(2, where)
+        self.length = count
 
     def view(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(keys, values, positions)`` of the valid entries (views, no copy)."""

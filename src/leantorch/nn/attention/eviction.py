@@ -134,25 +134,41 @@ def heavy_hitter_indices(scores: Tensor, budget: int, recent: int) -> Tensor:
     return torch.cat((heavy.sort(dim=-1).values, last.expand(batch, heads, recent)), dim=-1)
 
 
+def _by_position(positions: Tensor, rule: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply a selection ``rule`` written for entries in position order to entries stored in
+    any order: ``rule(order)`` gets the permutation that sorts each row by position and returns
+    indices into the sorted row; the result is a keep mask over the stored order."""
+    order = positions.argsort(dim=-1)
+    chosen = order.gather(-1, rule(order))
+    return torch.zeros_like(positions, dtype=torch.bool).scatter_(-1, chosen, True)
+
+
 class EvictionPolicy(ABC):
     """Decides which cached entries a layer keeps after each write."""
 
     budget: int
     #: True when the cache never holds more than ``budget`` entries (evicts on every write).
     bounded: bool = True
-    #: True when the policy keeps accumulated per-entry scores in the cache.
-    tracks_scores: bool = False
 
     @abstractmethod
-    def select(self, length: int, num_new: int, votes: Votes, scores: Tensor | None
+    def select(self, positions: Tensor, num_new: int, votes: Votes, scores: Tensor | None
                ) -> tuple[Tensor | None, Tensor | None]:
-        """Which of ``length`` entries (the last ``num_new`` just written) to keep.
+        """Which entries to keep.
 
-        ``votes(m)`` returns the attention ``(batch, kv_heads, length)`` received from the last
-        ``m`` new queries (see :func:`attention_votes`); it is only called when needed.
-        ``scores`` are the accumulated scores of the ``length - num_new`` older entries when the
-        policy tracks scores. Returns ``(indices, scores)``: indices ``(kept,)`` or ``(batch,
-        kv_heads, kept)`` ascending, or None to keep everything; the kept entries' scores or None.
+        Args:
+            positions: (batch, kv_heads, length) absolute positions of the entries, in storage
+                order (not necessarily sorted: decoding moves entries into freed slots); the
+                last ``num_new`` are the tokens just written.
+            votes: ``votes(m)`` returns the attention ``(batch, kv_heads, length)`` each entry
+                received from the last ``m`` new queries (see :func:`attention_votes`); only
+                called when needed.
+            scores: accumulated scores of the ``length - num_new`` older entries, for policies
+                that keep them (H2O), else None.
+
+        Returns:
+            ``(keep, scores)``: a bool mask ``(batch, kv_heads, length)`` with the same number
+            of True in every row, or None to keep everything; the updated scores of all
+            ``length`` entries, or None.
         """
 
 
@@ -168,10 +184,12 @@ class StreamingLLM(EvictionPolicy):
     def __repr__(self) -> str:
         return f"StreamingLLM(sinks={self.sinks}, recent={self.recent})"
 
-    def select(self, length, num_new, votes, scores):
+    def select(self, positions, num_new, votes, scores):
+        length = positions.shape[-1]
         if length <= self.budget:
             return None, None
-        return streaming_indices(length, self.sinks, self.recent), None
+        index = streaming_indices(length, self.sinks, self.recent, positions.device)
+        return _by_position(positions, lambda order: index.expand(*order.shape[:-1], -1)), None
 
 
 class SnapKV(EvictionPolicy):
@@ -199,20 +217,22 @@ class SnapKV(EvictionPolicy):
         return (f"SnapKV(budget={self.budget}, window={self.window}, "
                 f"kernel_size={self.kernel_size}, pooling={self.pooling!r})")
 
-    def select(self, length, num_new, votes, scores):
+    def select(self, positions, num_new, votes, scores):
         # Only prompts are compressed; single generated tokens are appended.
-        if length <= self.budget or num_new <= 1:
+        if positions.shape[-1] <= self.budget or num_new <= 1:
             return None, None
         observed = votes(min(self.window, num_new))
-        return snapkv_indices(observed, self.budget, self.window, self.kernel_size,
-                              self.pooling), None
+
+        def rule(order: Tensor) -> Tensor:  # pooling needs the votes in position order
+            return snapkv_indices(observed.gather(-1, order), self.budget, self.window,
+                                  self.kernel_size, self.pooling)
+
+        return _by_position(positions, rule), None
 
 
 class HeavyHitters(EvictionPolicy):
     """H2O: keep the ``recent`` last entries plus the ``budget - recent`` with the largest
     accumulated attention."""
-
-    tracks_scores = True
 
     def __init__(self, budget: int, recent: int | None = None) -> None:
         self.budget = _positive_int("HeavyHitters", "budget", budget)
@@ -225,12 +245,15 @@ class HeavyHitters(EvictionPolicy):
     def __repr__(self) -> str:
         return f"HeavyHitters(budget={self.budget}, recent={self.recent})"
 
-    def select(self, length, num_new, votes, scores):
+    def select(self, positions, num_new, votes, scores):
+        length = positions.shape[-1]
         received = votes(num_new)
         if scores is not None:
-            received = received.clone()
             received[:, :, : length - num_new] += scores.to(received.dtype)
         if length <= self.budget:
             return None, received
-        keep = heavy_hitter_indices(received, self.budget, self.recent)
-        return keep, received.gather(-1, keep)
+
+        def rule(order: Tensor) -> Tensor:
+            return heavy_hitter_indices(received.gather(-1, order), self.budget, self.recent)
+
+        return _by_position(positions, rule), received
