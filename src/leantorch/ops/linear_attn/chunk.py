@@ -292,8 +292,8 @@ def gla_chunk(
             check_log_decay_values(check_values, piece)
         out, state = _gla_segment(
             q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], piece, state,
-            chunk_size, candidates)
-        outputs.add(start, out if scale == 1.0 else out.mul_(scale))
+            chunk_size, candidates, scale)
+        outputs.add(start, out)
     return outputs.result(), state
 
 
@@ -305,6 +305,7 @@ def _gla_segment(
     state: torch.Tensor,
     chunk_size: int,
     candidates: list[int],
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, length, _ = q.shape
     # Padded positions have k = 0 and log decay 0: they change neither the state nor the scores.
@@ -326,6 +327,14 @@ def _gla_segment(
             state = (state + written[:, :, index]) * chunk_decay[:, :, index]
         else:
             state = torch.addcmul(written[:, :, index], state, chunk_decay[:, :, index])
-    out = terms.q_read.flatten(0, 2) @ torch.stack(starts, dim=2).flatten(0, 2)  # read the state
-    out = out.baddbmm_(terms.scores.flatten(0, 2), vc)  # + the intra-chunk part, in place
+    # out = scale * (q_read S_start + scores v): the scale rides on the matmuls' alpha, and the
+    # intra-chunk part accumulates in place (beta = 1).
+    q_read = terms.q_read.flatten(0, 2)
+    starts_flat = torch.stack(starts, dim=2).flatten(0, 2)
+    if scale == 1.0:
+        out = q_read @ starts_flat
+    else:
+        out = torch.baddbmm(q_read.new_empty(()).expand(*q_read.shape[:2], vc.shape[-1]),
+                            q_read, starts_flat, beta=0, alpha=scale)
+    out = out.baddbmm_(terms.scores.flatten(0, 2), vc, alpha=scale)
     return out.unflatten(0, (batch, heads, n_chunks)).flatten(2, 3)[:, :, :length], state

@@ -38,7 +38,8 @@ FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """elu(x) + 1: ``x: (..., d) -> (..., d)``, every feature > 0."""
-    return F.elu(x) + 1
+    # In place on elu's fresh output (its backward uses the input, not the output): one pass.
+    return F.elu(x).add_(1)
 
 
 def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
