@@ -69,20 +69,23 @@ def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class _Gather:
-    """Collects per-segment outputs along positions. Without autograd they are copied straight
-    into the final tensor while still in cache; with autograd they are concatenated at the end
-    (copying into slices would chain one full-size CopySlices node per segment)."""
+    """Collects per-segment outputs along positions (dim 2) into ``shape``. Outputs that need no
+    gradient are copied straight into the final tensor while still in cache; outputs that do are
+    concatenated at the end (copying them into slices would chain one full-size CopySlices node
+    per segment in backward)."""
 
-    def __init__(self, like: torch.Tensor, shape: tuple[int, ...], *inputs: torch.Tensor) -> None:
-        tracked = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
         self.pieces: list[torch.Tensor] = []
-        self.out = None if tracked else like.new_empty(shape)
+        self.out: torch.Tensor | None = None
 
     def add(self, start: int, piece: torch.Tensor) -> None:
-        if self.out is None:
+        if self.out is None and (self.pieces or piece.requires_grad):
             self.pieces.append(piece)
-        else:
-            self.out[:, :, start:start + piece.shape[2]] = piece
+            return
+        if self.out is None:
+            self.out = piece.new_empty(self.shape)
+        self.out[:, :, start:start + piece.shape[2]] = piece
 
     def result(self) -> torch.Tensor:
         if self.out is not None:
@@ -134,7 +137,7 @@ def linear_chunk(
     if n == 0:
         return q.new_zeros(*q.shape[:3], value_dim), state
     segment = _segment_len(k, state.shape[-2] * 2 + state.shape[-1], chunk_size)
-    outputs = _Gather(v, (*q.shape[:3], value_dim), q, k, v, state)
+    outputs = _Gather((*q.shape[:3], value_dim))
     for start in range(0, n, segment):
         stop = min(start + segment, n)
         out, state = _linear_segment(
@@ -284,7 +287,7 @@ def gla_chunk(
     candidates = sub_chunk_candidates(chunk_size, sub_chunk_size)
     if n == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]), state
-    outputs = _Gather(v, (*q.shape[:3], v.shape[-1]), q, k, v, log_decay, state)
+    outputs = _Gather((*q.shape[:3], v.shape[-1]))
     for start in range(0, n, segment):
         stop = min(start + segment, n)
         piece = log_decay[:, :, start:stop]
