@@ -33,10 +33,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leantorch.errors import LeanError, LeanTypeError, describe
-from leantorch.nn.attention import _ops as ops
 from leantorch.nn.attention.cache import KVCache, LayerCache, kv_bytes_per_token
 from leantorch.nn.attention.eviction import attention_votes
 from leantorch.nn.attention.rotary import RotaryEmbedding
+from leantorch.ops.attention import (
+    attention,
+    block_sparse_attention,
+    sliding_window_attention,
+    topk_attention,
+)
+from leantorch.ops.linear_attn import (
+    FEATURE_MAPS,
+    gated_linear_attention,
+    gla_step,
+    linear_attention,
+    linear_attention_step,
+)
 
 __all__ = ["EVICTABLE_KINDS", "KINDS", "Attention"]
 
@@ -234,9 +246,9 @@ class Attention(nn.Module):
         self.feature_map = None
         if kind in ("linear", "based"):
             self.feature_map = feature_map or ("elu" if kind == "linear" else "taylor")
-            if isinstance(self.feature_map, str) and self.feature_map not in ops.FEATURE_MAPS:
+            if isinstance(self.feature_map, str) and self.feature_map not in FEATURE_MAPS:
                 raise LeanError(f"Attention: feature_map={describe(feature_map)}; expected one "
-                                f"of {sorted(ops.FEATURE_MAPS)} or a callable")
+                                f"of {sorted(FEATURE_MAPS)} or a callable")
 
         hd, heads, kv_heads = self.head_dim, self.num_heads, self.num_kv_heads
         if self.rope and kind != "mla" and hd % 2:
@@ -363,7 +375,7 @@ class Attention(nn.Module):
 
     def _feature(self, x: Tensor) -> Tensor:
         fmap = self.feature_map
-        return (ops.FEATURE_MAPS[fmap] if isinstance(fmap, str) else fmap)(x)
+        return (FEATURE_MAPS[fmap] if isinstance(fmap, str) else fmap)(x)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, cache: KVCache | None = None, *,
@@ -457,15 +469,15 @@ class Attention(nn.Module):
     def _softmax_full(self, q, k, v, key_padding_mask) -> Tensor:
         """The kind's op over a whole sequence (queries and keys at positions 0..n-1)."""
         if self.kind == "exact":
-            return ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+            return attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
         if self.kind == "sliding":
-            return ops.sliding_window_attention(q, k, v, window=self.window, causal=self.causal)
+            return sliding_window_attention(q, k, v, window=self.window, causal=self.causal)
         if self.kind == "topk":
             mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-            return ops.topk_attention(q, k, v, topk=self.topk, causal=self.causal, mask=mask)
+            return topk_attention(q, k, v, topk=self.topk, causal=self.causal, mask=mask)
         blocks = math.ceil(q.shape[2] / self.block_size)
         mask = self._block_mask(blocks, blocks)
-        return ops.block_sparse_attention(q, k, v, mask, block_size=self.block_size,
+        return block_sparse_attention(q, k, v, mask, block_size=self.block_size,
                                           causal=self.causal)
 
     def _block_mask(self, q_blocks: int, k_blocks: int) -> Tensor:
@@ -481,9 +493,9 @@ class Attention(nn.Module):
     def _softmax_cached(self, q, keys, values, positions, key_positions) -> Tensor:
         """New queries (at ``positions``) over cached-and-new keys; bottom-right causal."""
         if self.kind == "exact":
-            return ops.attention(q, keys, values, causal=True)
+            return attention(q, keys, values, causal=True)
         if self.kind == "topk":
-            return ops.topk_attention(q, keys, values, topk=self.topk, causal=True)
+            return topk_attention(q, keys, values, topk=self.topk, causal=True)
         if self.kind == "sliding":
             return self._sliding_cached(q, keys, values)
         # block_sparse: expand the block mask at the absolute positions of queries and keys
@@ -492,12 +504,12 @@ class Attention(nn.Module):
         query_blocks = positions // self.block_size
         mask = self._block_mask(int(query_blocks[-1]) + 1, int(key_blocks[-1]) + 1)
         allowed = mask[:, query_blocks][:, :, key_blocks].unsqueeze(0)
-        return ops.attention(q, keys, values, causal=True, mask=allowed)
+        return attention(q, keys, values, causal=True, mask=allowed)
 
     def _sliding_cached(self, q, keys, values) -> Tensor:
         if q.shape[2] == 1:  # the cache holds at most window - 1 keys: all are in the window
-            return ops.attention(q, keys, values)
-        return ops.sliding_window_attention(q, keys, values, window=self.window, causal=True)
+            return attention(q, keys, values)
+        return sliding_window_attention(q, keys, values, window=self.window, causal=True)
 
     def _write_and_attend(self, cache: KVCache, entry: LayerCache, k: Tensor,
                           v: Tensor | None, positions: Tensor,
@@ -636,7 +648,7 @@ class Attention(nn.Module):
             keys = torch.cat((keys, rope_key.expand(-1, self.num_heads, -1, -1)), dim=-1)
         values = _split_heads(self.v_up(c), self.num_heads)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        return ops.attention(q, keys, values, causal=causal, key_padding_mask=key_padding_mask,
+        return attention(q, keys, values, causal=causal, key_padding_mask=key_padding_mask,
                              scale=self.scale)
 
     def _mla_absorbed(self, q_nope, q_rope, latent, causal, key_padding_mask) -> Tensor:
@@ -654,11 +666,11 @@ class Attention(nn.Module):
         q = self._mla_absorbed_query(q_nope, q_rope)
         batch, heads, n, width = q.shape
         if n == 1 or not causal:
-            folded = ops.attention(q.reshape(batch, 1, heads * n, width), latent, latent,
+            folded = attention(q.reshape(batch, 1, heads * n, width), latent, latent,
                                    key_padding_mask=key_padding_mask, scale=self.scale)
             out = folded.view(batch, heads, n, width)
         else:
-            out = ops.attention(q, latent, latent, causal=True,
+            out = attention(q, latent, latent, causal=True,
                                 key_padding_mask=key_padding_mask, scale=self.scale)
         w_uv = self.v_up.weight.view(self.num_heads, self.value_dim, self.kv_lora_rank)
         return torch.einsum("bhnc,hvc->bhnv", out[..., : self.kv_lora_rank], w_uv)
@@ -683,15 +695,15 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------ linear kinds
     def _linear_op(self, q, k, v, entry, feature_map, normalize) -> Tensor:
         if entry is None:
-            return ops.linear_attention(q, k, v, feature_map=feature_map, causal=self.causal,
+            return linear_attention(q, k, v, feature_map=feature_map, causal=self.causal,
                                         normalize=normalize, mode="chunk",
                                         chunk_size=self.chunk_size)
         if q.shape[2] == 1:
-            out, entry.state = ops.linear_attention_step(q, k, v, entry.state,
+            out, entry.state = linear_attention_step(q, k, v, entry.state,
                                                          feature_map=feature_map,
                                                          normalize=normalize)
             return out
-        out, entry.state = ops.linear_attention(
+        out, entry.state = linear_attention(
             q, k, v, feature_map=feature_map, causal=True, normalize=normalize, mode="chunk",
             chunk_size=self.chunk_size, initial_state=entry.state, return_state=True)
         return out
@@ -711,12 +723,12 @@ class Attention(nn.Module):
             return self._linear_op(q, k, v, entry, self.feature_map, self.normalize)
         log_decay = self.log_decay(x)
         if entry is None:
-            return ops.gated_linear_attention(q, k, v, log_decay, mode="chunk",
+            return gated_linear_attention(q, k, v, log_decay, mode="chunk",
                                               chunk_size=self.chunk_size)
         if q.shape[2] == 1:
-            out, entry.state = ops.gla_step(q, k, v, log_decay, entry.state)
+            out, entry.state = gla_step(q, k, v, log_decay, entry.state)
             return out
-        out, entry.state = ops.gated_linear_attention(
+        out, entry.state = gated_linear_attention(
             q, k, v, log_decay, mode="chunk", chunk_size=self.chunk_size,
             initial_state=entry.state, return_state=True)
         return out
@@ -740,7 +752,7 @@ class Attention(nn.Module):
         k = self._rotate(_split_heads(self.k_proj(x), self.num_kv_heads - self.linear_kv_heads),
                          positions)
         if entry is None:
-            window_out = ops.sliding_window_attention(q, k, v_window, window=self.window,
+            window_out = sliding_window_attention(q, k, v_window, window=self.window,
                                                       causal=True)
         else:
             def attend(keys: Tensor, values: Tensor, key_positions: Tensor) -> Tensor:

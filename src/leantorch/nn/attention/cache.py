@@ -269,7 +269,8 @@ class KVCache:
             ``block_sparse`` layers refuse it (their block pattern needs every position).
 
     Use one cache per sequence batch; ``Attention.forward(x, cache=cache)`` prefills it and
-    ``Attention.step(x_t, cache)`` decodes one token.
+    ``Attention.step(x_t, cache)`` decodes one token. The cache is meant for inference (run it
+    under ``torch.no_grad()``); backpropagating through cached decoding is not supported.
     """
 
     max_len: int | None = None
@@ -327,7 +328,9 @@ class KVCache:
         return 0 if entry is None or entry.kv is None else entry.kv.length
 
     def positions(self, layer_idx: int = 0) -> Tensor | None:
-        """``(batch, heads, length)`` absolute positions of the entries of layer ``layer_idx``."""
+        """``(batch, heads, length)`` absolute positions of the entries of layer ``layer_idx``,
+        in storage order (decoding under eviction moves entries into freed slots, so this order
+        need not be sorted)."""
         entry = self.layers.get(layer_idx)
         return None if entry is None or entry.kv is None else entry.kv.view()[2]
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leantorch.nn.attention import _ops as ops
 from leantorch.nn.attention.attention import Attention
+from leantorch.ops.attention import naive_attention
+from leantorch.ops.linear_attn import naive_gla, naive_linear_attention
 
 __all__ = ["dense_mask", "naive_attention_forward"]
 
@@ -74,19 +75,19 @@ def naive_attention_forward(layer: Attention, x: Tensor) -> Tensor:
             k_rope = layer.rope_rotary(layer.k_rope_proj(x).unsqueeze(1), positions)
             k = torch.cat((k, k_rope.expand(-1, layer.num_heads, -1, -1)), -1)
         v = _heads(layer.v_up(latent), layer.num_heads)
-        out = ops.naive_attention(torch.cat((q_nope, q_rope), -1), k, v, scale=layer.scale,
+        out = naive_attention(torch.cat((q_nope, q_rope), -1), k, v, scale=layer.scale,
                                   mask=dense_mask(layer, n))
     elif layer.kind in ("linear", "gla"):
         q = rope(_heads(layer.q_proj(x), layer.num_heads))
         k = rope(_heads(layer.k_proj(x), layer.num_kv_heads)).repeat_interleave(group, 1)
         v = _heads(layer.v_proj(x), layer.num_kv_heads).repeat_interleave(group, 1)
         if layer.kind == "linear":
-            out = ops.naive_linear_attention(q, k, v, feature_map=layer.feature_map,
+            out = naive_linear_attention(q, k, v, feature_map=layer.feature_map,
                                              causal=layer.causal, normalize=layer.normalize)
         else:
             log_decay = _heads(F.logsigmoid(layer.gate_proj(x)) / layer.gate_normalizer,
                                layer.num_heads)
-            out = ops.naive_gla(q, k, v, log_decay)
+            out = naive_gla(q, k, v, log_decay)
     elif layer.kind == "based":
         # First half of the KV heads (with their query groups): Taylor linear attention on
         # feature_dim-sized queries/keys; second half: sliding-window softmax attention.
@@ -96,12 +97,12 @@ def naive_attention_forward(layer: Attention, x: Tensor) -> Tensor:
         kf = _heads(layer.k_feat(x), half)
         if layer.feature_rotary is not None:
             qf, kf = layer.feature_rotary(qf, positions), layer.feature_rotary(kf, positions)
-        linear = ops.naive_linear_attention(
+        linear = naive_linear_attention(
             qf, kf.repeat_interleave(group, 1), v[:, :half].repeat_interleave(group, 1),
             feature_map=layer.feature_map, causal=True, normalize=layer.normalize)
         q = rope(_heads(layer.q_proj(x), layer.num_heads - layer.linear_heads))
         k = rope(_heads(layer.k_proj(x), layer.num_kv_heads - half))
-        window = ops.naive_attention(q, k, v[:, half:], mask=dense_mask(layer, n))
+        window = naive_attention(q, k, v[:, half:], mask=dense_mask(layer, n))
         out = torch.cat((linear, window), dim=1)
     else:
         q = rope(_heads(layer.q_proj(x), layer.num_heads))
@@ -110,6 +111,6 @@ def naive_attention_forward(layer: Attention, x: Tensor) -> Tensor:
         scores = None
         if layer.kind == "topk":
             scores = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * layer.scale
-        out = ops.naive_attention(q, k, v, mask=dense_mask(layer, n, scores))
+        out = naive_attention(q, k, v, mask=dense_mask(layer, n, scores))
     out = out.transpose(1, 2).reshape(batch, n, -1)
     return layer.o_proj(out)
