@@ -47,7 +47,7 @@ def test_kv_bytes_per_token_refuses_ambiguous_arguments() -> None:
         kv_bytes_per_token(head_dim=4)
 
 
-def test_static_cache_preallocates_once_and_refuses_overflow() -> None:
+def test_static_cache_preallocates_once_and_writes_in_place() -> None:
     layer, x = make("exact"), tokens(n=6)
     cache = KVCache.static(10)
     layer(x[:, :2], cache)
