@@ -369,3 +369,9 @@ def test_fp16_decode_attention_intensity_is_the_gqa_group_size(group: int) -> No
     assert report.forward.intensity == pytest.approx(
         (4 * d + 6) * scores / (kv_bytes + other_bytes))
     assert report.forward.intensity == pytest.approx(group, rel=0.02)
+
+
+def test_log_sigmoid_is_counted() -> None:
+    x = torch.randn(3, 7)
+    report = count(nn.LogSigmoid(), x)
+    assert not report.uncounted and report.flops == 3 * 21  # exp, add, log

@@ -298,12 +298,12 @@ _ELEMENTWISE: dict[int, tuple[str, ...]] = {
     # addcmul/addcdiv/lerp = multiply/divide, scale, add; tanh/sigmoid backward = 3 ops.
     3: (
         "sigmoid", "softplus", "elu", "celu", "addcmul", "addcdiv", "lerp", "logit",
-        "sigmoid_backward", "tanh_backward",
+        "sigmoid_backward", "tanh_backward", "log_sigmoid_forward",
     ),
     4: ("silu", "hardsigmoid", "selu"),  # silu = sigmoid (3) + multiply
     5: ("hardswish", "mish"),  # x * relu6(x + 3) / 6; x * tanh(softplus(x))
     8: ("silu_backward", "hardswish_backward", "hardsigmoid_backward", "mish_backward",
-        "elu_backward", "softplus_backward"),
+        "elu_backward", "softplus_backward", "log_sigmoid_backward"),
 }
 for _per, _names in _ELEMENTWISE.items():
     _register_many(_names, _elementwise(_per))
