@@ -324,12 +324,12 @@ def _gla_segment(
     # The decayed state recurrence is sequential over chunks (a cumulative product in linear
     # space would overflow); it touches only (dk x dv) per chunk.
     starts = []
-    for index in range(n_chunks):
+    for added, decay in zip(written.unbind(2), chunk_decay.unbind(2), strict=True):
         starts.append(state)
         if terms.decay_after:
-            state = (state + written[:, :, index]) * chunk_decay[:, :, index]
+            state = (state + added) * decay
         else:
-            state = torch.addcmul(written[:, :, index], state, chunk_decay[:, :, index])
+            state = torch.addcmul(added, state, decay)
     # out = scale * (q_read S_start + scores v): the scale rides on the matmuls' alpha, and the
     # intra-chunk part accumulates in place (beta = 1).
     q_read = terms.q_read.flatten(0, 2)
