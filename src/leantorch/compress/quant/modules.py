@@ -346,9 +346,9 @@ class TernaryLinear(_QuantizedLinear):
         shape = x.shape
         q, x_scale = _quantize_tokens(x.reshape(-1, shape[-1]))
         acc = int8_matmul(q, ternary_codes(self.weight, self.in_features).t())
-        out = acc * (x_scale * self.weight_scale)
+        out = acc.to(x_scale.dtype).mul_(x_scale * self.weight_scale)
         if self.bias is not None:
-            out.add_(self.bias.float())
+            out.add_(self.bias.to(out.dtype))
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def forward_reference(self, x: Tensor) -> Tensor:

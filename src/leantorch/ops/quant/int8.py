@@ -52,7 +52,9 @@ def quantize_per_token_fast(x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.float()
     scale = x.abs().amax(dim=-1, keepdim=True).div_(127)
     scale.masked_fill_(scale == 0, 1.0)
-    q = torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8)
+    # No clamp: |x| <= amax, so |x / scale| <= 127 * (1 + 2u) < 127.5 and the rounded code is
+    # already in [-127, 127] (the reference's clamp is a no-op; the tests check bit equality).
+    q = torch.div(x, scale).round_().to(torch.int8)
     return q, scale
 
 
@@ -113,13 +115,15 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def _dequantize_output(acc: Tensor, x_scale: Tensor, weight_scale: Tensor,
                        bias: Tensor | None) -> Tensor:
-    """acc (m, n) int32 -> acc * x_scale (m, 1) * weight_scale (n,) + bias, float32, one new
-    tensor (the int32 -> float conversion happens inside the first multiply)."""
-    out = acc * x_scale
-    out.mul_(weight_scale)
-    if bias is not None:
-        out.add_(bias)
-    return out
+    """acc (m, n) int32 -> acc * x_scale (m, 1) * weight_scale (n,) + bias, in x_scale's
+    dtype. Three passes over (m, n), one new tensor: a plain conversion (vectorized; a mixed
+    int32 * float multiply is not), the row scale in place, then column scale and bias in one
+    ``addcmul`` in place."""
+    out = acc.to(x_scale.dtype)
+    out.mul_(x_scale)
+    if bias is None:
+        return out.mul_(weight_scale)
+    return torch.addcmul(bias, out, weight_scale, out=out)
 
 
 def int8_dynamic_linear(

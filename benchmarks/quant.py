@@ -1,0 +1,415 @@
+"""Quantization: latency and fidelity of leantorch's quantization transforms against
+``torch.ao.quantization.quantize_dynamic`` and torchao, side by side in one process.
+
+Models (CPU, 2 threads, eval, ``torch.no_grad``):
+
+* ``minilm``: the real all-MiniLM-L6-v2 sentence encoder on 32 passages of 128 tokens (bundled
+  sentences joined until a passage fills 128 tokens). Fidelity: cosine similarity of each
+  variant's sentence embeddings to the float32 model's, on those passages and on all 600
+  bundled sentences (batches of 32, padded per batch).
+* ``bert-base``: bert-base shapes with random weights (``load_model("bert-base")``) on 8 x 128
+  random tokens. Fidelity: cosine similarity of the last hidden states, per token.
+
+Variants: float32; leantorch ``quant.int8_dynamic``, ``quant.llm_int8`` (threshold 6.0),
+``quant.int8_weight`` (per channel), ``quant.int4_weight`` (groups of 128 and of 32,
+asymmetric), the QAT
+fake-quant model (``quant.fake``, int8_dynamic scheme) and a post-training ternary model
+(``quant.fake`` ternary + ``quant.convert``, no QAT: it shows the cost, its fidelity needs
+quantization-aware training); torch.ao ``quantize_dynamic`` (Linear, qint8) with the default
+``x86`` engine and with ``onednn``; torchao ``Int8DynamicActivationInt8WeightConfig``,
+``Int8WeightOnlyConfig`` and ``Int4WeightOnlyConfig`` where they run on this CPU (the reason is
+recorded where they do not).
+
+All variants of a model are timed interleaved after a warm-up (``_common.interleaved_timings``);
+medians and speedups over float32 are reported. A ``kernel_probe`` times single layers of
+MiniLM's FFN shape: the integer matmul alone, leantorch's int8 layer, torch's packed weight-only
+kernels against dequantize-then-matmul.
+
+torchao is a peer only: it lives apart from the project's environment, in
+``.venv/torchao-peer`` (``.venv/bin/pip install --no-deps --target .venv/torchao-peer
+torchao==0.18.0``), because transformers imports torchao whenever it can find it, which costs
+every process that builds a transformers model 3.4 s and a screen of warnings here. This script
+adds that folder to ``sys.path``; without it the torchao rows say why they did not run.
+
+Run from the repository root, one benchmark at a time:
+``flock /tmp/leantorch-bench.lock .venv/bin/python benchmarks/quant.py``.
+Writes ``benchmarks/results/quant.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _common import (
+    THREADS,
+    error_text,
+    interleaved_timings,
+    machine_info,
+    ratio,
+    setup_threads,
+    summarize,
+    write_results,
+)
+from leantorch.compress.quant import (
+    LLMInt8Linear,
+    convert,
+    fake_quantize,
+    int4_weight,
+    int8_dynamic,
+    int8_weight,
+    llm_int8,
+)
+
+warnings.filterwarnings("ignore")  # torch.ao's deprecation notices; torchao's registration noise
+TORCHAO_DIR = Path(__file__).resolve().parents[1] / ".venv" / "torchao-peer"
+if TORCHAO_DIR.is_dir():
+    sys.path.append(str(TORCHAO_DIR))
+
+Forward = Callable[[], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- peers
+def torch_ao_dynamic(model: nn.Module, engine: str) -> nn.Module:
+    """torch.ao.quantization.quantize_dynamic on Linear layers with ``engine``."""
+    torch.backends.quantized.engine = engine
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                  dtype=torch.qint8)
+
+
+def torchao_quantized(model: nn.Module, config_name: str) -> nn.Module:
+    """torchao.quantization.quantize_ with the named config (on a copy)."""
+    with contextlib.redirect_stderr(io.StringIO()):  # torchao prints CUDA-extension warnings
+        import torchao.quantization as ao
+    config = getattr(ao, config_name)()
+    quantized = copy.deepcopy(model)
+    ao.quantize_(quantized, config)
+    return quantized
+
+
+def torchao_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("torchao")
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- variants
+def build_variants(model: nn.Module, with_qat: bool) -> tuple[dict[str, dict[str, Any]],
+                                                               dict[str, str]]:
+    """name -> {"model", "engine", "by", "what"}; and name -> why it could not be built."""
+    variants: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+
+    def add(name: str, by: str, what: str, make: Callable[[], nn.Module],
+            engine: str | None = None) -> None:
+        try:
+            variants[name] = {"model": make().eval(), "engine": engine, "by": by, "what": what}
+        except Exception as error:  # a peer that does not run here: say why, keep going
+            failed[name] = error_text(error)
+
+    add("fp32", "torch", "float32 model", lambda: model)
+    add("leantorch int8_dynamic", "leantorch",
+        "quant.int8_dynamic: int8 per-channel weights x int8 per-token activations, "
+        "torch._int_mm", lambda: int8_dynamic(model)[0])
+    add("leantorch llm_int8", "leantorch",
+        "quant.llm_int8 (threshold 6.0): outlier input features in float, the rest int8",
+        lambda: llm_int8(model)[0])
+    add("leantorch int8_weight", "leantorch",
+        "quant.int8_weight: int8 per-channel weights, float activations (dequantize + matmul)",
+        lambda: int8_weight(model)[0])
+    add("leantorch int4_weight", "leantorch",
+        "quant.int4_weight: int4 weights, group 128, asymmetric, float activations",
+        lambda: int4_weight(model)[0])
+    add("leantorch int4_weight g32", "leantorch",
+        "quant.int4_weight group_size=32 (the int4-weight recipe's choice)",
+        lambda: int4_weight(model, group_size=32)[0])
+    if with_qat:
+        add("leantorch fake int8_dynamic (QAT)", "leantorch",
+            "quant.fake scheme=int8_dynamic: the fake-quant training model (float matmuls)",
+            lambda: fake_quantize(model, scheme="int8_dynamic")[0])
+        add("leantorch ternary (post-training)", "leantorch",
+            "quant.fake scheme=ternary + quant.convert without fine-tuning: BitNet b1.58 "
+            "weights need QAT; shown for cost",
+            lambda: convert(fake_quantize(model, scheme="ternary")[0])[0])
+    add("torch.ao quantize_dynamic (x86)", "torch.ao",
+        "torch.ao.quantization.quantize_dynamic, engine x86 (the default): per-tensor "
+        "activations", lambda: torch_ao_dynamic(model, "x86"), engine="x86")
+    add("torch.ao quantize_dynamic (onednn)", "torch.ao",
+        "torch.ao.quantization.quantize_dynamic, engine onednn: per-tensor activations",
+        lambda: torch_ao_dynamic(model, "onednn"), engine="onednn")
+    for config, label in (("Int8DynamicActivationInt8WeightConfig", "torchao int8_dynamic"),
+                          ("Int8WeightOnlyConfig", "torchao int8_weight"),
+                          ("Int4WeightOnlyConfig", "torchao int4_weight")):
+        add(label, "torchao", f"torchao.quantization.quantize_({config}())",
+            lambda config=config: torchao_quantized(model, config))
+    torch.backends.quantized.engine = "x86"
+    return variants, failed
+
+
+def forward_fn(entry: dict[str, Any], inputs: dict[str, torch.Tensor],
+               output: Callable[[Any], torch.Tensor]) -> Forward:
+    model, engine = entry["model"], entry["engine"]
+
+    def run() -> torch.Tensor:
+        if engine is not None:
+            torch.backends.quantized.engine = engine
+        with torch.no_grad():
+            result = output(model(**inputs))
+        if engine is not None:
+            torch.backends.quantized.engine = "x86"
+        return result
+
+    return run
+
+
+def cosine_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity of matching rows (last dim), mean and min."""
+    cos = F.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1)
+    return {"mean": round(cos.mean().item(), 6), "min": round(cos.min().item(), 6)}
+
+
+def int8_fraction(model: nn.Module) -> float | None:
+    layers = [m for m in model.modules() if isinstance(m, LLMInt8Linear)]
+    seen = sum(m.columns_seen for m in layers)
+    return None if not seen else 1 - sum(m.outlier_columns_seen for m in layers) / seen
+
+
+def reset_llm_int8(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LLMInt8Linear):
+            module.reset_statistics()
+
+
+# --------------------------------------------------------------------------- models
+def minilm_inputs(batch: int, seq_len: int) -> tuple[dict[str, torch.Tensor],
+                                                     list[dict[str, torch.Tensor]]]:
+    """(timed batch: ``batch`` passages of exactly ``seq_len`` tokens, all 600 sentences in
+    batches of 32)."""
+    from leantorch.data import sentences
+    from leantorch.models import minilm_tokenizer
+
+    tokenizer = minilm_tokenizer()
+    texts = sentences()
+    passages, start = [], 0
+    for _ in range(batch):
+        words: list[str] = []
+        while len(tokenizer(" ".join(words))["input_ids"]) < seq_len + 2:
+            words.append(texts[start % len(texts)])
+            start += 1
+        passages.append(" ".join(words))
+    timed = dict(tokenizer(passages, padding="max_length", truncation=True, max_length=seq_len,
+                           return_tensors="pt"))
+    assert bool(timed["attention_mask"].all()), "every passage fills the sequence"
+    sentence_batches = [dict(tokenizer(texts[i:i + 32], padding=True, truncation=True,
+                                       max_length=seq_len, return_tensors="pt"))
+                        for i in range(0, len(texts), 32)]
+    return timed, sentence_batches
+
+
+def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
+              extra: list[dict[str, torch.Tensor]], output: Callable[[Any], torch.Tensor],
+              with_qat: bool, warmup: int, rounds: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    variants, failed = build_variants(model, with_qat)
+    fns = {key: forward_fn(entry, timed, output) for key, entry in variants.items()}
+    reference = fns["fp32"]()
+    extra_reference = torch.cat([forward_fn(variants["fp32"], batch, output)()
+                                 for batch in extra]) if extra else None
+    fidelity: dict[str, Any] = {}
+    fractions: dict[str, float | None] = {}
+    for key, entry in variants.items():
+        reset_llm_int8(entry["model"])
+        result = fns[key]()
+        fidelity[key] = {"timed_batch": cosine_stats(result, reference)}
+        if key == "leantorch llm_int8":
+            fractions["timed_batch"] = int8_fraction(entry["model"])
+        if extra:
+            reset_llm_int8(entry["model"])
+            outs = [forward_fn(entry, batch, output)() for batch in extra]
+            fidelity[key]["sentences"] = cosine_stats(torch.cat(outs), extra_reference)
+            if key == "leantorch llm_int8":
+                fractions["sentences"] = int8_fraction(entry["model"])
+    times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+    stats = {key: summarize(samples) for key, samples in times.items()}
+    base = stats["fp32"]["median_s"]
+    rows = {}
+    for key, entry in variants.items():
+        median = stats[key]["median_s"]
+        rows[key] = {
+            "by": entry["by"],
+            "what": entry["what"],
+            "median_ms": round(median * 1e3, 2),
+            "speedup_vs_fp32": ratio(base, median, 3),
+            "cosine": fidelity[key],
+            "timings": stats[key],
+        }
+    primary = "sentences" if extra else "timed_batch"
+    ours = rows["leantorch int8_dynamic"]
+    peers = {k: r for k, r in rows.items() if r["by"] in ("torch.ao", "torchao")}
+    fastest = max(peers, key=lambda k: peers[k]["speedup_vs_fp32"]) if peers else None
+    target = {
+        "rule": "leantorch int8_dynamic at least as fast as the fastest peer, with mean cosine "
+                f">= 0.99 to fp32 ({primary})",
+        "leantorch_speedup": ours["speedup_vs_fp32"],
+        "leantorch_cosine_mean": ours["cosine"][primary]["mean"],
+        "fastest_peer": fastest,
+        "fastest_peer_speedup": None if fastest is None else peers[fastest]["speedup_vs_fp32"],
+        "fastest_peer_cosine_mean": None if fastest is None else
+        peers[fastest]["cosine"][primary]["mean"],
+    }
+    target["speed_met"] = fastest is None or \
+        target["leantorch_speedup"] >= target["fastest_peer_speedup"]
+    target["fidelity_met"] = target["leantorch_cosine_mean"] >= 0.99
+    target["met"] = target["speed_met"] and target["fidelity_met"]
+    print(f"\n{name}: fp32 {base * 1e3:.1f} ms")
+    for key, row in rows.items():
+        cos = row["cosine"][primary]
+        print(f"  {key:38s} {row['median_ms']:9.1f} ms  {row['speedup_vs_fp32']:5.2f}x  "
+              f"cos mean {cos['mean']:.4f} min {cos['min']:.4f}")
+    for key, why in failed.items():
+        print(f"  {key:38s} not run: {why[:120]}")
+    return {
+        "model": name,
+        "inputs": {k: list(v.shape) for k, v in timed.items()},
+        "fidelity_measured_on": primary,
+        "variants": rows,
+        "not_run": failed,
+        "llm_int8_fraction_in_8_bit": fractions,
+        "target": target,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def minilm_case(warmup: int, rounds: int, batch: int, seq_len: int) -> dict[str, Any]:
+    from leantorch.models import load_minilm
+
+    timed, sentences = minilm_inputs(batch, seq_len)
+    return run_model("minilm", load_minilm(), timed, sentences, lambda out: out, True,
+                     warmup, rounds)
+
+
+def bert_case(warmup: int, rounds: int, batch: int, seq_len: int) -> dict[str, Any]:
+    from leantorch.models import load_model
+
+    loaded = load_model("bert-base")
+    _, kwargs = loaded.example_inputs(batch=batch, seq_len=seq_len)
+    return run_model("bert-base", loaded.model.eval(), kwargs, [],
+                     lambda out: out.last_hidden_state, False, warmup, rounds)
+
+
+# --------------------------------------------------------------------------- kernels
+def kernel_probe(rounds: int) -> dict[str, Any]:
+    """One Linear of MiniLM's FFN shape (384 -> 1536) at a few token counts: float32, the
+    integer matmul alone, leantorch's int8 layers, and torch's packed weight-only kernels
+    against leantorch's dequantize-then-matmul."""
+    from leantorch.compress.quant import Int8DynamicLinear, WeightOnlyLinear
+    from leantorch.ops.quant import naive
+
+    torch.manual_seed(0)
+    k, n = 384, 1536
+    linear = nn.Linear(k, n).eval()
+    int8_layer = Int8DynamicLinear.from_linear(linear)
+    int8_weight_layer = WeightOnlyLinear.from_linear(linear, 8)
+    int4_layer = WeightOnlyLinear.from_linear(linear, 4, 128, symmetric=False)
+    codes, scale, _ = naive.quantize_groupwise(linear.weight.detach(), 8, k)
+    scale = scale.squeeze(1)
+    results: dict[str, Any] = {"shape": {"in_features": k, "out_features": n}, "tokens": {}}
+    int4_packed = None
+    with contextlib.suppress(Exception):  # torch's int4 CPU packing: uint4 codes as int32
+        unsigned = naive.quantize_groupwise(linear.weight.detach(), 4, 128, False)[0]
+        int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unsigned.to(torch.int32), 1)
+        int4_scales = torch.randn(k // 128, n, 2)  # layout only: timing, not values
+    for tokens in (1, 32, 4096):
+        x = torch.randn(tokens, k)
+        q = torch.randint(-127, 128, (tokens, k), dtype=torch.int8)
+        fns: dict[str, Forward] = {
+            "fp32 F.linear": lambda x=x: F.linear(x, linear.weight, linear.bias),
+            "torch._int_mm alone": lambda q=q: torch._int_mm(q, codes.t()),
+            "leantorch Int8DynamicLinear": lambda x=x: int8_layer(x),
+            "leantorch WeightOnlyLinear int8": lambda x=x: int8_weight_layer(x),
+            "leantorch WeightOnlyLinear int4": lambda x=x: int4_layer(x),
+        }
+        if tokens <= 32:  # these take ~1 s each at 4096 tokens here
+            fns["torch _weight_int8pack_mm"] = \
+                lambda x=x: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
+            if int4_packed is not None:
+                fns["torch _weight_int4pack_mm_for_cpu (fp32)"] = \
+                    lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x, int4_packed, 128, int4_scales)
+        if int4_packed is not None:
+            xb, sb = x.bfloat16(), int4_scales.bfloat16()
+            fns["torch _weight_int4pack_mm_for_cpu (bf16)"] = \
+                lambda xb=xb, sb=sb: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xb, int4_packed, 128, sb)
+        with torch.no_grad():
+            times = interleaved_timings(fns, warmup=2, rounds=rounds)
+        results["tokens"][str(tokens)] = {key: round(summarize(v)["median_s"] * 1e3, 4)
+                                          for key, v in times.items()}
+    try:
+        torch.ops.aten._dyn_quant_pack_4bit_weight(
+            torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, k // 32, 2), None, 32,
+            k, n)
+        results["_dyn_quant_matmul_4bit"] = "available"
+    except Exception as error:
+        results["_dyn_quant_matmul_4bit"] = error_text(error, 200)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
+    parser.add_argument("--probe-rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=32, help="MiniLM passages")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--bert-batch", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "minilm", "bert"])
+    options = parser.parse_args(argv)
+    threads = setup_threads(THREADS)
+    started = time.perf_counter()
+    load_before = list(os.getloadavg())
+    payload: dict[str, Any] = {
+        "benchmark": "quant",
+        "description": __doc__.split("\n\n")[0],
+        "threads": threads,
+        "warmup": options.warmup,
+        "rounds": options.rounds,
+        "machine": machine_info(),
+        "torchao": torchao_version(),
+        "torchao_location": str(TORCHAO_DIR.relative_to(TORCHAO_DIR.parents[1]))
+        if TORCHAO_DIR.is_dir() else None,
+        "load_average_before": load_before,
+    }
+    if "probe" not in options.skip:
+        payload["kernel_probe"] = kernel_probe(options.probe_rounds)
+    if "minilm" not in options.skip:
+        payload["minilm"] = minilm_case(options.warmup, options.rounds, options.batch,
+                                        options.seq_len)
+    if "bert" not in options.skip:
+        payload["bert-base"] = bert_case(options.warmup, options.rounds, options.bert_batch,
+                                         options.seq_len)
+    payload["load_average_after"] = list(os.getloadavg())
+    payload["script_seconds"] = round(time.perf_counter() - started, 1)
+    path = write_results("quant", payload)
+    print(f"wrote {path} in {payload['script_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
