@@ -41,7 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import operator
@@ -417,62 +416,68 @@ def _module_path_stack(model: nn.Module) -> tuple[list[str], list[Any]]:
     return stack, handles
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-            leaf_modules: Sequence[str]) -> Any:
-    """torch.export the model (eval mode, leaf modules swapped for opaque stand-ins)."""
-    from leantorch.compress.change import get_module, replace_module
-
-    leaves = {}
-    for path in leaf_modules:
-        try:
-            leaves[path] = get_module(model, path)
-        except LeanError as error:
-            raise LeanError(f"leaf_modules: no module at path {path!r} in "
-                            f"{type(model).__name__}") from error
-    if "" in leaves:
-        raise LeanError("leaf_modules: '' is the whole model; name a submodule")
-    # record each leaf's outputs on a real forward, so the stand-ins produce the same shapes
+def _leaf_outputs(model: nn.Module, leaves: dict[str, nn.Module], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Each leaf's output on one real forward (the stand-ins reproduce their shapes)."""
     recorded: dict[str, Any] = {}
     handles = []
     for path, module in leaves.items():
         def hook(_m: nn.Module, _a: Any, out: Any, path: str = path) -> None:
             recorded.setdefault(path, out)
         handles.append(module.register_forward_hook(hook))
-    training = model.training
-    model.eval()
     try:
-        if leaves:
-            with torch.no_grad():
-                model(*args, **kwargs)
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
         for handle in handles:
             handle.remove()
-        keys = []
+    for path, out in ((p, recorded.get(p)) for p in leaves):
+        if out is None:
+            raise LeanError(f"leaf_modules: {path!r} did not run on the example inputs")
+        if not all(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+            raise LeanError(f"leaf_modules: {path!r} returns something other than tensors "
+                            f"({type(out).__name__}); only modules returning tensors (or "
+                            "tuples/lists of them) can be leaves")
+    return recorded
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            leaf_modules: Sequence[str]) -> Any:
+    """torch.export the model (eval mode, leaf modules swapped for opaque stand-ins, all
+    restored afterwards)."""
+    from leantorch.compress.change import get_module, replace_module
+
+    leaves = {}
+    for path in leaf_modules:
+        if not path:
+            raise LeanError("leaf_modules: '' is the whole model; name a submodule")
+        try:
+            leaves[path] = get_module(model, path)
+        except LeanError as error:
+            raise LeanError(f"leaf_modules: no module at path {path!r} in "
+                            f"{type(model).__name__}") from error
+    training = model.training
+    model.eval()
+    swapped: list[str] = []
+    handles: list[Any] = []
+    try:
+        recorded = _leaf_outputs(model, leaves, args, kwargs) if leaves else {}
         for path, module in leaves.items():
-            if path not in recorded:
-                raise LeanError(f"leaf_modules: {path!r} did not run on the example inputs")
             flat, spec = tree_flatten(recorded[path])
-            if not all(isinstance(t, torch.Tensor) for t in flat):
-                raise LeanError(f"leaf_modules: {path!r} returns something other than tensors "
-                                f"({type(recorded[path]).__name__}); only modules returning "
-                                "tensors (or tuples/lists of them) can be leaves")
-            key = id(module)
-            _LEAF_OUTPUTS[key] = [(tuple(t.shape), t.dtype) for t in flat]
-            keys.append(key)
-            replace_module(model, path, _LeafStandIn(key, spec, path))
+            _LEAF_OUTPUTS[id(module)] = [(tuple(t.shape), t.dtype) for t in flat]
+            replace_module(model, path, _LeafStandIn(id(module), spec, path))
+            swapped.append(path)
         stack, handles = _module_path_stack(model)
         try:
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
             raise _untraceable(model, stack, error) from error
-        finally:
-            for handle in handles:
-                handle.remove()
     finally:
         for handle in handles:
             handle.remove()
-        for path, module in leaves.items():
-            with contextlib.suppress(LeanError):
-                replace_module(model, path, module)
+        for path in reversed(swapped):
+            replace_module(model, path, leaves[path])
+        for module in leaves.values():
             _LEAF_OUTPUTS.pop(id(module), None)
         model.train(training)
 

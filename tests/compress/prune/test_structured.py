@@ -309,3 +309,23 @@ def test_a_sublayer_that_outputs_zero_scores_zero_and_goes_first(tmp_path: Path)
         prune_sublayers(model, count=7, calibration=calibration)
     with pytest.raises(LeanError, match="calibration"):
         prune_sublayers(model, count=1)
+
+
+# --------------------------------------------------------------------------- recipes
+def test_the_iterative_recipe_prunes_distils_and_prunes_again(tmp_path: Path) -> None:
+    from leantorch.compress.recipe import Recipe, load_recipe, run_recipe
+
+    spec = load_recipe("prune-50").to_dict()
+    for step in spec["steps"]:
+        if step.get("finetune"):
+            step["finetune"]["steps"] = 2
+    spec["finetune"]["steps"], spec["gates"] = 2, []
+    model, batches = tiny_llama(layers=1), [text_inputs()]
+    result = run_recipe(Recipe.from_dict(spec), model, calibration=batches, evaluation=batches,
+                        example_inputs=batches[0], latency_runs=0)
+    # 48 neurons: 30% cut keeps 33, rounded up to 40; then 28, rounded up to 32
+    assert result.model.model.layers[0].mlp.gate_proj.out_features == 32
+    assert [c.transform for c in result.changes] == ["prune.structured"] * 2
+    assert model.model.layers[0].mlp.gate_proj.out_features == FF  # the caller's model
+    loaded = roundtrip(result.model, tmp_path)  # two recorded cuts replay in order
+    assert torch.equal(run(loaded, batches[0]), run(result.model, batches[0]))

@@ -92,6 +92,12 @@ def _kept_size(group: Group, keep: int, round_to: int | None) -> int:
     return group.size
 
 
+def _to_remove(size: int, ratio: float) -> int:
+    """Units to remove so that ``floor((1 - ratio) * size)`` remain (Torch-Pruning's rounding:
+    30% of 12 heads keeps 8)."""
+    return size - math.floor((1 - ratio) * size + 1e-9) if ratio > 0 else 0
+
+
 def plan_removal(
     groups: Sequence[Group],
     scores: dict[int, torch.Tensor],
@@ -103,9 +109,10 @@ def plan_removal(
     max_ratio: float = 0.9,
 ) -> dict[int, list[int]]:
     """Units to remove ``{group id: sorted unit indices}``: the lowest-scored units, ``ratio``
-    of each group (or, with ``global_ranking``, of all units of each kind, ranked by scores
-    normalised by their group's mean), never more than ``max_ratio`` of a group and never all
-    of it; kept counts rounded up so cut dimensions are multiples of ``round_to``."""
+    of each group (``floor((1 - ratio) * size)`` units stay), or, with ``global_ranking``, of
+    all units of each kind ranked together by scores normalised by their group's mean; never
+    more than ``max_ratio`` of a group and never all of it; kept counts rounded up so cut
+    dimensions are multiples of ``round_to``."""
     per_layer = per_layer or {}
     targets: dict[int, int] = {}  # group id -> units to remove
     pooled: dict[str, list[Group]] = {}
@@ -115,14 +122,14 @@ def plan_removal(
         if global_ranking and override is None:
             pooled.setdefault(g.kind, []).append(g)
         else:
-            targets[g.id] = math.floor(group_ratio * g.size + 1e-9)
+            targets[g.id] = _to_remove(g.size, group_ratio)
     for members in pooled.values():
         entries = []
         for g in members:
             s = scores[g.id]
             normalised = s / s.mean().clamp_min(1e-300)
             entries.extend((float(v), g.id, i) for i, v in enumerate(normalised))
-        budget = math.floor(ratio * len(entries) + 1e-9)
+        budget = _to_remove(len(entries), ratio)
         counts = dict.fromkeys((g.id for g in members), 0)
         caps = {g.id: min(g.size - 1, math.floor(max_ratio * g.size + 1e-9)) for g in members}
         for _value, gid, _i in sorted(entries):
