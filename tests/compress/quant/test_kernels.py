@@ -15,7 +15,9 @@ from leantorch.ops.quant import naive
 from leantorch.ops.quant.int8 import (
     int8_dynamic_linear,
     int8_matmul,
+    int8_scaled_matmul,
     llm_int8_linear,
+    onednn_available,
     padded_int_mm,
     quantize_per_token_fast,
 )
@@ -28,6 +30,7 @@ from leantorch.ops.quant.weight_only import (
 
 U32 = 2.0**-24  # unit roundoff of float32
 FAST = settings(max_examples=40, deadline=None)
+BACKENDS = ["int_mm"] + (["onednn"] if onednn_available() else [])
 
 
 def heavy_tailed(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -174,6 +177,36 @@ def test_integer_matmul_is_exact(m, k, n, seed) -> None:
     assert torch.equal(int8_ops._int_mm_exact_fallback(a, w.t()), exact)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@FAST
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_scaled_integer_matmul_accumulates_exactly(backend, m, k, n, seed) -> None:
+    """With unit scales the layers' matmul is the exact integer sum (|sum| < 2**24 here, so
+    float32 holds it exactly), on both the fused oneDNN path and torch._int_mm."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    out = int8_scaled_matmul(a, w, torch.ones(n), backend=backend)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, (a.long() @ w.long().t()).float())
+
+
+def test_onednn_packed_weight_follows_in_place_edits() -> None:
+    if not onednn_available():
+        pytest.skip("no oneDNN int8 GEMM in this build")
+    from leantorch.ops.quant import int8 as module
+
+    a = torch.randint(-127, 128, (5, 16), dtype=torch.int8)
+    w = torch.randint(-127, 128, (3, 16), dtype=torch.int8)
+    first = int8_scaled_matmul(a, w, torch.ones(3), backend="onednn")
+    assert id(w) in module._PACKED
+    w.mul_(-1)  # bumps the version: the cached packing is stale
+    assert torch.equal(int8_scaled_matmul(a, w, torch.ones(3), backend="onednn"), -first)
+    key = id(w)
+    del w
+    assert key not in module._PACKED  # the cache does not outlive the weight
+
+
 def test_exact_fallback_slices_long_reductions() -> None:
     k = 2600  # three slices; every product at the extreme 127 * 127
     a = torch.full((3, k), 127, dtype=torch.int8)
@@ -182,6 +215,21 @@ def test_exact_fallback_slices_long_reductions() -> None:
     expected = (a.long() @ b.long()).int()
     assert expected.abs().max() > 2**24  # a single float32 matmul could not hold it exactly
     assert torch.equal(int8_ops._int_mm_exact_fallback(a, b), expected)
+
+
+def test_missing_onednn_is_logged_and_int_mm_takes_over(monkeypatch, caplog) -> None:
+    from leantorch.ops.quant import int8 as module
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(module, "_ONEDNN", {})
+    monkeypatch.setattr(module, "_LOGGED", set())
+    x = torch.randn(4, 8)
+    q_w, scale, _ = naive.quantize_groupwise(torch.randn(3, 8), 8, 8)
+    with caplog.at_level(logging.WARNING, logger="leantorch.quant"):
+        out = int8_dynamic_linear(x, q_w, scale.squeeze(1))
+    assert not module.onednn_available()
+    assert any("oneDNN int8 GEMM unavailable" in r.getMessage() for r in caplog.records)
+    assert torch.equal(out, int8_dynamic_linear(x, q_w, scale.squeeze(1), backend="int_mm"))
 
 
 def test_fallback_is_logged_with_its_reason(monkeypatch, caplog) -> None:
@@ -202,24 +250,31 @@ def test_fallback_is_logged_with_its_reason(monkeypatch, caplog) -> None:
 
 
 def _int8_dynamic_bound(x, weight, weight_scale, bias) -> torch.Tensor:
-    """|fast - reference| bound: the exact int32 sum times two float32 scales plus the bias
-    (three roundings in the fast path, one when the float64 reference is cast to float32)."""
+    """|fast - reference| bound. The fast path rounds the exact int32 sum times two float32
+    scales plus the bias three times (4 units of float32 roundoff with the cast of the
+    reference to float32); the float64 reference itself rounds each of its k products and
+    sums (relative 2**-53 of the sum of magnitudes, which matters when the sum cancels)."""
     q, s = naive.quantize_per_token(x)
-    exact = (q.double() @ weight.double().t()) * s.double() * weight_scale.double()
-    return 4 * U32 * (exact.abs() + (0 if bias is None else bias.double().abs())) * (1 + 1e-9)
+    scales = s.double() * weight_scale.double()
+    exact = (q.double() @ weight.double().t()) * scales
+    magnitudes = (q.double().abs() @ weight.double().abs().t()) * scales
+    b = 0 if bias is None else bias.double().abs()
+    k = x.shape[-1]
+    return 4 * U32 * (exact.abs() + b) * (1 + 1e-9) + (k + 3) * 2.0**-53 * (magnitudes + b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @FAST
 @given(st.integers(1, 20), st.integers(1, 48), st.integers(1, 24), st.booleans(),
        st.integers(0, 2**31 - 1))
-def test_int8_dynamic_fast_equals_reference(tokens, k, n, with_bias, seed) -> None:
+def test_int8_dynamic_fast_equals_reference(backend, tokens, k, n, with_bias, seed) -> None:
     torch.manual_seed(seed)
     x = heavy_tailed(tokens, k)
     w = torch.randn(n, k)
     bias = torch.randn(n) if with_bias else None
     q_w, scale, _ = naive.quantize_groupwise(w, 8, k)
     scale = scale.squeeze(1)
-    fast = int8_dynamic_linear(x, q_w, scale, bias)
+    fast = int8_dynamic_linear(x, q_w, scale, bias, backend=backend)
     reference = naive.int8_dynamic_linear_reference(x, q_w, scale, bias)
     assert fast.dtype == reference.dtype == torch.float32
     bound = _int8_dynamic_bound(x, q_w, scale, bias)
@@ -233,17 +288,18 @@ def test_int8_dynamic_keeps_leading_dims_and_dtype() -> None:
     assert out.shape == (2, 3, 8) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @FAST
 @given(st.integers(1, 12), st.integers(2, 40), st.integers(1, 16), st.floats(0.5, 4.0),
        st.integers(0, 2**31 - 1))
-def test_llm_int8_fast_equals_reference(tokens, k, n, threshold, seed) -> None:
+def test_llm_int8_fast_equals_reference(backend, tokens, k, n, threshold, seed) -> None:
     torch.manual_seed(seed)
     x = heavy_tailed(tokens, k)
     w = torch.randn(n, k)
     bias = torch.randn(n)
     q_w, scale, _ = naive.quantize_groupwise(w, 8, k)
     scale = scale.squeeze(1)
-    fast, count = llm_int8_linear(x, q_w, scale, bias, threshold)
+    fast, count = llm_int8_linear(x, q_w, scale, bias, threshold, backend=backend)
     reference, outliers = naive.llm_int8_linear_reference(x, q_w, scale, bias, threshold)
     assert count == int(outliers.sum())
     # the integer part: zeroing outlier columns gives exactly the reference's codes

@@ -182,6 +182,11 @@ def _group_problem(bits: int, group_size: int | None) -> Callable[[nn.Linear], s
 def integer_matmul_path(device: torch.device) -> str:
     """Which integer matmul an int8 layer runs on ``device``."""
     if device.type == "cpu":
+        from leantorch.ops.quant.int8 import onednn_available
+
+        if onednn_available():
+            return ("oneDNN int8 GEMM with the weight scales fused "
+                    "(torch.ops.onednn.qlinear_pointwise, weights prepacked once per layer)")
         return "torch._int_mm (cpu)"
     if device.type == "cuda":
         return "torch._int_mm (cuda; shapes it rejects are zero-padded, exact)"

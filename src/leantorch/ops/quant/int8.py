@@ -1,29 +1,46 @@
-"""int8 x int8 -> int32 matmul and the layers built on it: int8 dynamic (per-channel weights,
+"""int8 x int8 matmuls and the layers built on them: int8 dynamic (per-channel weights,
 per-token activations) and LLM.int8() outlier decomposition. The references are in
 :mod:`leantorch.ops.quant.naive`; the quantization formulas are the same, only the execution
-differs (in-place ops, an integer matmul, no float64).
+differs (fewer temporaries, an integer matmul, no float64).
 
-The integer matmul is ``torch._int_mm`` where torch has it for the device:
+Two integer matmuls:
 
-* CPU: any shape (oneDNN; AMX/VNNI where the CPU has them).
-* CUDA: needs ``m > 16`` and ``k``, ``n`` multiples of 8. Other shapes are zero-padded up to the
-  next allowed size, which leaves the integer result exact, and the padding is logged once.
-* Any other device, or when ``_int_mm`` raises, falls back to float32 matmuls over slices of at
-  most 1024 input features (each partial sum is below 2**24, so it is exact in float32) summed
-  in int32; the reason is logged once on ``logging.getLogger("leantorch.quant")``.
+* :func:`int8_scaled_matmul` (the layers' path): ``(q @ W.T) * weight_scale`` in float32. On a
+  CPU with oneDNN it is one fused call, ``torch.ops.onednn.qlinear_pointwise`` (the int8 GEMM
+  torch's own x86 quantization backend runs) on a weight prepacked once per layer and cached
+  beside it (same bytes as the int8 codes; :func:`clear_packed_weights` frees the cache). It is
+  wrapped in the custom op ``leantorch::int8_scaled_mm`` so that ``leantorch.measure`` counts it
+  (formula below) without seeing oneDNN's opaque packed tensor. Elsewhere, or when oneDNN is
+  missing, it is :func:`int8_matmul` followed by the conversion and the scale.
+* :func:`int8_matmul`: exact int32 result, ``torch._int_mm`` where torch has it:
+
+  - CPU: any shape (``k = 1`` is done as an outer product, see below).
+  - CUDA: needs ``m > 16`` and ``k``, ``n`` multiples of 8. Other shapes are zero-padded up to
+    the next allowed size, which leaves the integer result exact; the padding is logged once.
+  - Any other device, or when ``_int_mm`` raises, falls back to float32 matmuls over slices of
+    at most 1024 input features (each partial sum is below 2**24, so exact in float32) summed
+    in int32.
+
+Every fallback is logged once, with its reason, on ``logging.getLogger("leantorch.quant")``.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import Tensor
 
+from leantorch.measure import Cost, register_formula
+
 __all__ = [
+    "clear_packed_weights",
     "int8_dynamic_linear",
     "int8_matmul",
+    "int8_scaled_matmul",
     "llm_int8_linear",
+    "onednn_available",
     "padded_int_mm",
     "quantize_per_token_fast",
 ]
@@ -47,15 +64,92 @@ def _log_once(key: str, reason: str) -> None:
 def quantize_per_token_fast(x: Tensor) -> tuple[Tensor, Tensor]:
     """Same codes and scales as :func:`naive.quantize_per_token` (8 bits), with fewer
     temporaries. x: (tokens, features) -> (q int8 (tokens, features), scale float32
-    (tokens, 1))."""
+    (tokens, 1); float64 for float64 x)."""
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).div_(127)
+    # max |x| as max(max x, -min x): two reads and no |x| temporary (bit-identical)
+    scale = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    scale.div_(127)
     scale.masked_fill_(scale == 0, 1.0)
     # No clamp: |x| <= amax, so |x / scale| <= 127 * (1 + 2u) < 127.5 and the rounded code is
     # already in [-127, 127] (the reference's clamp is a no-op; the tests check bit equality).
     q = torch.div(x, scale).round_().to(torch.int8)
     return q, scale
+
+
+# --------------------------------------------------------------------------- oneDNN (CPU)
+_ONEDNN: dict[str, bool] = {}
+_PACKED: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
+_ONE = torch.tensor(1.0)
+_ZERO = torch.tensor(0)
+
+
+def onednn_available() -> bool:
+    """Whether this torch build can run oneDNN's int8 GEMM on this CPU (checked once)."""
+    if "ok" not in _ONEDNN:
+        try:
+            ops = torch.ops.onednn
+            ok = torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise")
+            if ok:  # a tiny call: the op exists in builds where it cannot run
+                w = torch.ones(2, 2, dtype=torch.int8)
+                out = _onednn_scaled_mm(torch.ones(1, 2, dtype=torch.int8),
+                                        ops.qlinear_prepack(w, None), torch.ones(2))
+                ok = bool(out[0, 0] == 2)
+            reason = "" if ok else "torch.backends.mkldnn or onednn.qlinear_pointwise missing"
+        except Exception as error:
+            ok, reason = False, " ".join(str(error).split())[:200]
+        if not ok:
+            _log_once("onednn", f"oneDNN int8 GEMM unavailable ({reason}); int8 layers use "
+                      "torch._int_mm and separate dequantization passes")
+        _ONEDNN["ok"] = ok
+    return _ONEDNN["ok"]
+
+
+def _onednn_scaled_mm(q: Tensor, packed: Tensor, weight_scale: Tensor) -> Tensor:
+    zeros = torch.zeros(weight_scale.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        q, _ONE, _ZERO, packed, weight_scale, zeros, None, 1.0, 0, torch.float32, "none", [],
+        "")
+
+
+def _prepacked(weight: Tensor) -> Tensor:
+    """oneDNN's packed copy of ``weight`` (out, in) int8, cached until the weight dies or is
+    changed in place."""
+    key = id(weight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version and \
+            entry[2] == weight.data_ptr():
+        return entry[3]
+    packed = torch.ops.onednn.qlinear_prepack(weight.detach(), None)
+    ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
+    _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
+    return packed
+
+
+def clear_packed_weights() -> None:
+    """Drop every cached oneDNN packed weight (they are rebuilt on the next call)."""
+    _PACKED.clear()
+
+
+@torch.library.custom_op("leantorch::int8_scaled_mm", mutates_args=())
+def _int8_scaled_mm_onednn(q: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+    """(q (m, k) int8 @ weight (n, k) int8 .T) * weight_scale (n,) -> (m, n) float32, in one
+    oneDNN call on the cached packed weight."""
+    return _onednn_scaled_mm(q.contiguous(), _prepacked(weight),
+                             weight_scale.float().contiguous())
+
+
+@_int8_scaled_mm_onednn.register_fake
+def _(q: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+    return q.new_empty(q.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@register_formula(torch.ops.leantorch.int8_scaled_mm)
+def _int8_scaled_mm_cost(call) -> Cost:
+    """m x k x n integer MACs, plus one multiply per output for the per-channel scale."""
+    q, weight = call.arg("q"), call.arg("weight")
+    m, k, n = q.shape[0], q.shape[1], weight.shape[0]
+    return Cost(flops=2 * m * k * n + m * n, macs=m * k * n)
 
 
 def _int_mm_exact_fallback(a: Tensor, b: Tensor) -> Tensor:
@@ -113,32 +207,40 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
         return _int_mm_exact_fallback(a, b)
 
 
-def _dequantize_output(acc: Tensor, x_scale: Tensor, weight_scale: Tensor,
-                       bias: Tensor | None) -> Tensor:
-    """acc (m, n) int32 -> acc * x_scale (m, 1) * weight_scale (n,) + bias, in x_scale's
-    dtype. Three passes over (m, n), one new tensor: a plain conversion (vectorized; a mixed
-    int32 * float multiply is not), the row scale in place, then column scale and bias in one
-    ``addcmul`` in place."""
-    out = acc.to(x_scale.dtype)
-    out.mul_(x_scale)
+def int8_scaled_matmul(q: Tensor, weight: Tensor, weight_scale: Tensor,
+                       out_dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
+    """``(q @ weight.T) * weight_scale``: q (m, k) int8, weight (n, k) int8, weight_scale (n,)
+    -> (m, n) ``out_dtype``. ``backend``: ``auto`` (oneDNN's fused GEMM on a CPU that has it,
+    for float32 output), ``onednn`` or ``int_mm`` (exact int32 sum, then convert and scale)."""
+    use_onednn = backend == "onednn" or (
+        backend == "auto" and q.device.type == "cpu" and out_dtype == torch.float32 and
+        onednn_available())
+    if use_onednn:
+        return torch.ops.leantorch.int8_scaled_mm(q, weight, weight_scale)
+    out = int8_matmul(q, weight.t()).to(out_dtype)
+    return out.mul_(weight_scale)
+
+
+def _row_scale_and_bias(out: Tensor, x_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """out (m, n) * x_scale (m, 1) + bias (n,), in place (one pass)."""
     if bias is None:
-        return out.mul_(weight_scale)
-    return torch.addcmul(bias, out, weight_scale, out=out)
+        return out.mul_(x_scale)
+    return torch.addcmul(bias.to(out.dtype), out, x_scale, out=out)
 
 
 def int8_dynamic_linear(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
-    """int8 dynamic Linear.
+    """int8 dynamic Linear: ``((q_x @ q_w.T) * s_w) * s_x + b``.
 
     x: (..., in) float; weight: (out, in) int8 codes (per-channel symmetric);
     weight_scale: (out,) float32; bias: (out,) or None -> (..., out) in x's dtype.
     """
     shape = x.shape
     q, x_scale = quantize_per_token_fast(x.reshape(-1, shape[-1]))
-    acc = int8_matmul(q, weight.t())
-    out = _dequantize_output(acc, x_scale, weight_scale,
-                             None if bias is None else bias.float())
+    out = int8_scaled_matmul(q, weight, weight_scale, x_scale.dtype, backend)
+    out = _row_scale_and_bias(out, x_scale, bias)
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
@@ -148,6 +250,7 @@ def llm_int8_linear(
     weight_scale: Tensor,
     bias: Tensor | None,
     threshold: float,
+    backend: str = "auto",
 ) -> tuple[Tensor, int]:
     """LLM.int8(): outlier input features (``|x| > threshold`` anywhere in the batch) in
     floating point, the rest int8 x int8.
@@ -163,14 +266,13 @@ def llm_int8_linear(
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype not in (torch.float32, torch.float64):
         x2 = x2.float()
-    outliers = x2.abs().amax(dim=0) > threshold
+    outliers = torch.maximum(x2.amax(dim=0), x2.amin(dim=0).neg_()) > threshold
     picked = outliers.nonzero().squeeze(1)
     count = int(picked.numel())
     regular = x2.masked_fill(outliers, 0.0) if count else x2
     q, x_scale = quantize_per_token_fast(regular)
-    acc = int8_matmul(q, weight.t())
-    out = _dequantize_output(acc, x_scale, weight_scale,
-                             None if bias is None else bias.float())
+    out = int8_scaled_matmul(q, weight, weight_scale, x_scale.dtype, backend)
+    out = _row_scale_and_bias(out, x_scale, bias)
     if count:
         w_outliers = weight[:, picked].to(x2.dtype) * weight_scale.unsqueeze(1)  # (out, picked)
         out.addmm_(x2[:, picked], w_outliers.t())
