@@ -5,7 +5,7 @@ For n positions, C = chunk_size, feature/key size f and value size e, the work i
 ``n * C * (f + e)`` MACs inside chunks plus ``2 * n * f * e`` MACs for reading and updating the
 state: linear in n. Memory is O(n (f + e) + (n / C) f e).
 
-Execution: the sequence is processed in *segments* of several chunks (about 2 MiB of q/k/v per
+Execution: the sequence is processed in *segments* of several chunks (about 4 MiB of q/k/v per
 segment). Inside a segment every chunk is handled at once with batched matmuls; the state is
 carried from segment to segment. This keeps temporaries in cache and avoids allocating
 sequence-sized buffers, without changing the math.
@@ -52,7 +52,7 @@ from leantorch.ops.linear_attn.feature_maps import FeatureMap
 __all__ = ["gla_chunk", "linear_chunk"]
 
 # Bytes of q/k/v (all batch and heads together) handled per segment.
-_SEGMENT_BYTES = 1 << 21
+_SEGMENT_BYTES = 1 << 22
 
 
 def _segment_len(x: torch.Tensor, width: int, chunk_size: int) -> int:
@@ -277,7 +277,7 @@ def gla_chunk(
 
     q, k, log_decay: (batch, heads, n, key_dim); v: (batch, heads, n, value_dim); state:
     (batch, heads, key_dim, value_dim). The output is multiplied by ``scale`` (the same as
-    scaling q). ``segment`` positions are handled per batched step (None: about 2 MiB of
+    scaling q). ``segment`` positions are handled per batched step (None: about 4 MiB of
     inputs). ``check_values`` (the op's name) checks log_decay's values segment by segment.
     Returns out (batch, heads, n, value_dim) and the final state.
     """
