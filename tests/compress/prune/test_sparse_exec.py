@@ -195,7 +195,7 @@ def test_min_sparsity_and_skips() -> None:
     assert get_transform("prune.make_sparse") is make_sparse
 
 
-def test_gpt2_conv1d_layers_run_sparse() -> None:
+def test_gpt2_conv1d_layers_run_sparse_and_roundtrip(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
                                      n_positions=32, bos_token_id=0, eos_token_id=0)
@@ -205,3 +205,6 @@ def test_gpt2_conv1d_layers_run_sparse() -> None:
     assert len(change.replaced) == 8 and "lm_head" in change.skipped
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(sparse(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-5)
+    loaded = leantorch.load(leantorch.save(sparse, tmp_path / "gpt2.safetensors"))
+    assert isinstance(loaded.transformer.h[0].attn.c_attn, SparseLinear)
+    assert torch.equal(loaded(ids).logits, sparse(ids).logits)
