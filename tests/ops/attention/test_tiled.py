@@ -76,11 +76,12 @@ def test_fully_masked_rows_give_zero_and_zero_gradient():
 
 
 def test_large_score_jumps_between_tiles_are_exact_in_float32():
-    # scores grow by 60 per key: later tiles overflow the lazily kept shift and are redone
+    # scores grow by 12 or 60 per key: later tiles exceed the lazily kept shift's limit (or
+    # overflow float32) and are redone with a fresh max
     q = torch.ones(1, 1, 3, 1)
-    k = (torch.arange(12.0) * 60).view(1, 1, 12, 1)
     v = torch.randn(1, 1, 12, 2, generator=torch.Generator().manual_seed(0))
-    for keys in (k, -k, k.flip(2)):
+    steps = [torch.arange(12.0).view(1, 1, 12, 1) * step for step in (12, 60)]
+    for keys in [keys for k in steps for keys in (k, -k, k.flip(2))]:
         torch.testing.assert_close(tiled_attention(q, keys, v, scale=1.0, block_k=4),
                                    naive_attention(q, keys, v, scale=1.0))
 
@@ -132,8 +133,8 @@ def test_saved_memory_is_linear_in_n_while_naive_is_quadratic():
 
 
 def _tile_macs(tiles, heads, block_q, block_k, head_dim, value_dim):
-    # each tile: [Q, -m] [K, 1]^T and P [V, 1] (the extra columns carry the shift and row sum)
-    return tiles * heads * block_q * block_k * ((head_dim + 1) + (value_dim + 1))
+    # each tile: [Q, -m] [K, 1]^T (the extra column carries the row shift) and P V
+    return tiles * heads * block_q * block_k * ((head_dim + 1) + value_dim)
 
 
 def test_counted_macs_are_the_tiles_computed_and_causal_skips_above_the_diagonal():

@@ -7,12 +7,13 @@ row sum l and unnormalised output O, so the (q_len x k_len) matrix never exists:
 from the saved logsumexp, so autograd keeps only q, k, v, out and the logsumexp: O(n d).
 
 Two CPU-minded details keep the elementwise work down to one exp per score:
-- the row shift rides inside the matmul: Q is extended by a column holding -m and K by a column
-  of ones, so [Q, -m] [K, 1]^T = Q K^T - m; V is extended by a column of ones, so P [V, 1] gives
-  the new output rows and the row sums l in one matmul;
-- the shift is updated lazily: once a row has a finite max, later tiles reuse it and the tile is
-  redone with a fresh max only if the exponentials overflow (checked on the small output tile).
-  The result is the same softmax (the shift cancels exactly); only rounding differs.
+- the row shift rides inside the matmul: Q is extended by a column holding -m and K by a row
+  of ones (K is kept transposed, (dim + 1, seq), the layout BLAS runs fastest), so
+  [Q, -m] [K, 1]^T = Q K^T - m and P = exp of the matmul's output in place;
+- the shift is updated lazily: once a row has a finite max, later tiles reuse it, and a query
+  block is redone with the exact running max only if a row sum ends above 2^64 (or overflows),
+  one check per block. The result is the same softmax (the shift cancels exactly); only
+  rounding differs, and the sums stay far from overflow.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ logger = logging.getLogger("leantorch.attention")
 
 BACKENDS = ("auto", "sdpa", "tiled", "naive")
 
+# a query block computed with a stale row shift is kept when its row sums stay below this
+_LAZY_ROW_SUM_LIMIT = 2.0**64
+
 
 class _Masks:
     """The masks of one call, sliced per tile in the grouped layout (batch, kv_heads, groups,
@@ -62,6 +66,7 @@ class _Masks:
                 self.blocked = (~mask).expand(full).view(grouped)
             else:
                 self.additive = mask.to(dtype).expand(full).view(grouped)
+        self._causal_cache: dict[tuple[int, int, int], Tensor] = {}
         self.padding: Tensor | None = None
         if key_padding_mask is not None:
             self.padding = (~key_padding_mask)[:, None, None, None, :]
@@ -77,11 +82,12 @@ class _Masks:
 
     def apply(self, scores: Tensor, q0: int, q1: int, k0: int, k1: int, state: str) -> Tensor:
         """Mask ``scores`` (batch * kv_heads, groups * (q1 - q0), k1 - k0) in place."""
+        if state == "full" and not self.any:
+            return scores
         s = self.shapes
         view = scores.view(s.batch, s.kv_heads, s.groups, q1 - q0, k1 - k0)
         if state == "partial":
-            allowed = causal_allowed(s.q_len, s.k_len, scores.device, q0, k0, q1 - q0, k1 - k0)
-            view.masked_fill_(~allowed, -math.inf)
+            view.masked_fill_(self._causal_blocked(q0, q1, k0, k1, scores.device), -math.inf)
         if self.blocked is not None:
             view.masked_fill_(self.blocked[..., q0:q1, k0:k1], -math.inf)
         if self.padding is not None:
@@ -90,8 +96,19 @@ class _Masks:
             view.add_(self.additive[..., q0:q1, k0:k1])
         return scores
 
+    def _causal_blocked(self, q0: int, q1: int, k0: int, k1: int,
+                        device: torch.device) -> Tensor:
+        """The future keys of a diagonal tile; tiles at the same offset share one mask."""
+        key = (q0 - k0, q1 - q0, k1 - k0)
+        if key not in self._causal_cache:
+            s = self.shapes
+            allowed = causal_allowed(s.q_len, s.k_len, device, q0, k0, q1 - q0, k1 - k0)
+            self._causal_cache[key] = ~allowed
+        return self._causal_cache[key]
+
     @property
     def any(self) -> bool:
+        """Whether any mask besides the causal one applies."""
         return (self.blocked is not None or self.padding is not None
                 or self.additive is not None)
 
@@ -111,6 +128,59 @@ def _with_column(t: Tensor, value: float) -> Tensor:
     return out
 
 
+def _transposed_with_row(t: Tensor, value: float) -> Tensor:
+    """``t`` (batch, seq, dim) as a contiguous (batch, dim + 1, seq) whose last row is ``value``.
+
+    A key tile is then a column slice of a row-major matrix, the layout BLAS multiplies
+    fastest (about 1.4x a transposed view on this CPU), and the extra row meets the extra
+    column of the queries.
+    """
+    out = t.new_empty(t.shape[0], t.shape[2] + 1, t.shape[1])
+    out[:, :-1] = t.transpose(1, 2)
+    out[:, -1] = value
+    return out
+
+
+def _forward_block(queries: Tensor, keys_t: Tensor, values: Tensor, masks: _Masks, q0: int,
+                   q1: int, block_k: int, lazy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One query block against every key tile: (unnormalised out, row sums, row shift).
+
+    queries: (batch * kv_heads, rows, head_dim), already scaled. ``lazy``: once every row has
+    a finite max, later tiles keep that shift instead of tracking the running max (the caller
+    checks the row sums afterwards); otherwise the shift follows the running max exactly.
+    """
+    rows_total, rows = queries.shape[0], queries.shape[1]
+    # [Q, -m]: the last column carries the (safe) row shift into the matmul with [K, 1]^T
+    queries_ext = _with_column(queries, 0.0)
+    row_max = queries.new_full((rows_total, rows, 1), -math.inf)  # -inf: no allowed key yet
+    acc = queries.new_zeros(rows_total, rows, values.shape[2])
+    total = queries.new_zeros(rows_total, rows, 1)
+    shift_known = False  # every row has a finite max
+    for k0 in range(0, keys_t.shape[2], block_k):
+        k1 = min(k0 + block_k, keys_t.shape[2])
+        state = masks.tile_state(q0, q1, k0, k1)
+        if state == "skip":
+            continue
+        scores = masks.apply(torch.bmm(queries_ext, keys_t[:, :, k0:k1]), q0, q1, k0, k1,
+                             state)
+        if lazy and shift_known:
+            total.add_(scores.exp_().sum(-1, keepdim=True))
+            acc.baddbmm_(scores, values[:, k0:k1])
+            continue
+        safe_old = queries_ext[:, :, -1:].neg()  # the shift the scores already carry
+        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True) + safe_old)
+        safe_new = new_max.masked_fill(new_max == -math.inf, 0.0)
+        scores.sub_(safe_new - safe_old).exp_()
+        # rows with no finite max yet have acc = 0: rescale by 0 to avoid inf * 0
+        rescale = torch.exp(safe_old - safe_new).masked_fill_(row_max == -math.inf, 0.0)
+        total.mul_(rescale).add_(scores.sum(-1, keepdim=True))
+        acc.mul_(rescale).baddbmm_(scores, values[:, k0:k1])
+        row_max = new_max
+        queries_ext[:, :, -1:] = -safe_new
+        shift_known = bool(torch.isfinite(row_max).all())
+    return acc, total, queries_ext[:, :, -1:].neg()
+
+
 def _tiled_forward(q: Tensor, k: Tensor, v: Tensor, shapes: AttentionShapes, scale: float,
                    masks: _Masks, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
     """out (batch, q_heads, q_len, value_dim) and logsumexp (batch * kv_heads, groups, q_len)
@@ -118,50 +188,25 @@ def _tiled_forward(q: Tensor, k: Tensor, v: Tensor, shapes: AttentionShapes, sca
     b, hk, g, nq, nk, dv = (shapes.batch, shapes.kv_heads, shapes.groups, shapes.q_len,
                             shapes.k_len, shapes.value_dim)
     rows_total = b * hk
-    keys_ext = _with_column(k.reshape(rows_total, nk, shapes.head_dim), 1.0)
-    values_ext = _with_column(v.reshape(rows_total, nk, dv), 1.0)
+    keys_t = _transposed_with_row(k.reshape(rows_total, nk, shapes.head_dim), 1.0)
+    values = v.reshape(rows_total, nk, dv)
     out = q.new_empty(b, shapes.q_heads, nq, dv)
     out_grouped = out.view(rows_total, g, nq, dv)
     lse = q.new_empty(rows_total, g, nq)
     for q0 in range(0, nq, block_q):
         q1 = min(q0 + block_q, nq)
-        rows = g * (q1 - q0)
-        # [scale * Q, -m]: the last column carries the (safe) row shift into the matmul
-        queries_ext = _with_column(_query_rows(q, shapes, q0, q1) * scale, 0.0)
-        row_max = q.new_full((rows_total, rows, 1), -math.inf)  # -inf: no allowed key yet
-        acc = q.new_zeros(rows_total, rows, dv + 1)  # [unnormalised O, l]
-        shift_known = False  # every row has a finite max (the lazy path is safe)
-        for k0 in range(0, nk, block_k):
-            k1 = min(k0 + block_k, nk)
-            state = masks.tile_state(q0, q1, k0, k1)
-            if state == "skip":
-                continue
-            keys_tile = keys_ext[:, k0:k1].transpose(1, 2)
-            values_tile = values_ext[:, k0:k1]
-            if shift_known:
-                probs = masks.apply(torch.bmm(queries_ext, keys_tile), q0, q1, k0, k1, state)
-                update = torch.bmm(probs.exp_(), values_tile)
-                if bool(torch.isfinite(update).all()):
-                    acc.add_(update)
-                    continue
-            # exact-max path: first tile, rows still without a finite max, or an overflow
-            scores = masks.apply(torch.bmm(queries_ext, keys_tile), q0, q1, k0, k1, state)
-            safe_old = queries_ext[:, :, -1:].neg()  # the shift the scores already carry
-            new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True) + safe_old)
-            safe_new = new_max.masked_fill(new_max == -math.inf, 0.0)
-            scores.sub_(safe_new - safe_old).exp_()
-            # rows with no finite max yet have acc = 0: rescale by 0 to avoid inf * 0
-            rescale = torch.exp(safe_old - safe_new).masked_fill_(row_max == -math.inf, 0.0)
-            acc.mul_(rescale).baddbmm_(scores, values_tile)
-            row_max = new_max
-            queries_ext[:, :, -1:] = -safe_new
-            shift_known = bool(torch.isfinite(row_max).all())
-        total = acc[:, :, -1:]
-        block_out = acc[:, :, :-1] / total.masked_fill(total == 0, 1.0)
+        queries = _query_rows(q, shapes, q0, q1) * scale
+        acc, total, shift = _forward_block(queries, keys_t, values, masks, q0, q1, block_k,
+                                           lazy=True)
+        # the lazy shift is safe when every row sum stays small (NaN and inf fail the test);
+        # otherwise the block is redone with the exact running max (rare: a score more than
+        # ~44 above the row's first-tile max)
+        if not bool((total <= _LAZY_ROW_SUM_LIMIT).all()):
+            acc, total, shift = _forward_block(queries, keys_t, values, masks, q0, q1,
+                                               block_k, lazy=False)
+        block_out = acc.div_(total.masked_fill(total == 0, 1.0))
         out_grouped[:, :, q0:q1] = block_out.view(rows_total, g, q1 - q0, dv)
-        shift = queries_ext[:, :, -1:].neg()
-        block_lse = (shift + total.log()).view(rows_total, g, q1 - q0)
-        lse[:, :, q0:q1] = block_lse
+        lse[:, :, q0:q1] = (shift + total.log()).view(rows_total, g, q1 - q0)
     return out, lse
 
 
@@ -173,8 +218,8 @@ def _tiled_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                                shapes.k_len, shapes.head_dim, shapes.value_dim)
     rows_total = b * hk
     keys = k.reshape(rows_total, nk, d)
-    keys_ext = _with_column(keys, 1.0)
-    values_ext = _with_column(v.reshape(rows_total, nk, dv), 1.0)
+    keys_t = _transposed_with_row(keys, 1.0)
+    values_t = _transposed_with_row(v.reshape(rows_total, nk, dv), 1.0)
     # D = rowsum(dO * O): dS = P * (dP - D) is the softmax backward
     delta = (grad_out * out).sum(-1).view(rows_total, g, nq)
     # a row with no allowed key has lse = -inf; its scores are all masked, so P = 0 anyway
@@ -186,24 +231,24 @@ def _tiled_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     for q0 in range(0, nq, block_q):
         q1 = min(q0 + block_q, nq)
         rows = g * (q1 - q0)
-        queries_scaled = _query_rows(q, shapes, q0, q1) * scale
-        queries_ext = _with_column(queries_scaled, 0.0)
+        queries_ext = _with_column(_query_rows(q, shapes, q0, q1) * scale, 0.0)
         queries_ext[:, :, -1] = -lse_safe[:, :, q0:q1].reshape(rows_total, rows)
-        grad_out_rows = _query_rows(grad_out, shapes, q0, q1)
-        grad_out_ext = _with_column(grad_out_rows, 0.0)
+        queries_scaled = queries_ext[:, :, :-1]
+        grad_out_ext = _with_column(_query_rows(grad_out, shapes, q0, q1), 0.0)
         grad_out_ext[:, :, -1] = -delta[:, :, q0:q1].reshape(rows_total, rows)
+        grad_out_rows = grad_out_ext[:, :, :-1]
         grad_q_rows = q.new_zeros(rows_total, rows, d)
         for k0 in range(0, nk, block_k):
             k1 = min(k0 + block_k, nk)
             state = masks.tile_state(q0, q1, k0, k1)
             if state == "skip":
                 continue
-            probs = torch.bmm(queries_ext, keys_ext[:, k0:k1].transpose(1, 2))
+            # [scale Q, -lse] [K, 1]^T = S - lse, so P = exp(S - lse) in one pass
+            probs = torch.bmm(queries_ext, keys_t[:, :, k0:k1])
             probs = masks.apply(probs, q0, q1, k0, k1, state).exp_()
             grad_v[:, k0:k1].baddbmm_(probs.transpose(1, 2), grad_out_rows)
             # [dO, -D] [V, 1]^T = dP - D, then dS = P * (dP - D)
-            grad_scores = torch.bmm(grad_out_ext, values_ext[:, k0:k1].transpose(1, 2))
-            grad_scores.mul_(probs)
+            grad_scores = torch.bmm(grad_out_ext, values_t[:, :, k0:k1]).mul_(probs)
             grad_q_rows.baddbmm_(grad_scores, keys[:, k0:k1])
             grad_k[:, k0:k1].baddbmm_(grad_scores.transpose(1, 2), queries_scaled)
         grad_q_grouped[:, :, q0:q1] = grad_q_rows.mul_(scale).view(rows_total, g, q1 - q0, d)
