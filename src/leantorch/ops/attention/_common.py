@@ -76,7 +76,7 @@ def resolve_scale(op: str, scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def check_mask(op: str, mask: object, shapes: AttentionShapes, dtype: torch.dtype) -> None:
+def check_mask(op: str, mask: object, shapes: AttentionShapes) -> None:
     """``mask``: boolean (True = may attend) or additive float, broadcastable to
     (batch, q_heads, q_len, k_len)."""
     if mask is None:

@@ -70,7 +70,7 @@ def naive_attention(
     """
     op = "naive_attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     check_key_padding_mask(op, key_padding_mask, shapes)
     scale = resolve_scale(op, scale, shapes.head_dim)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:

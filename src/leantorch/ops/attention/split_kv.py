@@ -82,7 +82,7 @@ def partial_attention(
     """
     op = "partial_attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     scale = resolve_scale(op, scale, shapes.head_dim)
     batch, q_heads, kv_heads, q_len, k_len, head_dim, value_dim = shapes
     q_grouped = q.reshape(batch, kv_heads, shapes.groups * q_len, head_dim)
@@ -163,7 +163,7 @@ def split_kv_attention(
     """
     op = "split_kv_attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     check_key_padding_mask(op, key_padding_mask, shapes)
     check_positive_int(op, "num_splits", num_splits)
     scale = resolve_scale(op, scale, shapes.head_dim)

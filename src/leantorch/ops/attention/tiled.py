@@ -6,7 +6,7 @@ row sum l and unnormalised output O, so the (q_len x k_len) matrix never exists:
 (block_q x block_k) tile per (batch, KV head). Backward recomputes each tile's probabilities
 from the saved logsumexp, so autograd keeps only q, k, v, out and the logsumexp: O(n d).
 
-Two CPU-minded details keep the elementwise work down to one exp per score:
+Two CPU-minded details keep the elementwise work per score down to one exp and one row sum:
 - the row shift rides inside the matmul: Q is extended by a column holding -m and K by a row
   of ones (K is kept transposed, (dim + 1, seq), the layout BLAS runs fastest), so
   [Q, -m] [K, 1]^T = Q K^T - m and P = exp of the matmul's output in place;
@@ -312,7 +312,7 @@ def tiled_attention(
     """
     op = "tiled_attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     check_key_padding_mask(op, key_padding_mask, shapes)
     scale = resolve_scale(op, scale, shapes.head_dim)
     check_positive_int(op, "block_q", block_q)
@@ -407,7 +407,7 @@ def attention(
     """
     op = "attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     check_key_padding_mask(op, key_padding_mask, shapes)
     scale = resolve_scale(op, scale, shapes.head_dim)
     if backend not in BACKENDS:

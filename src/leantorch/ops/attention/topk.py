@@ -66,7 +66,7 @@ def topk_attention(
     """
     op = "topk_attention"
     shapes = check_qkv(op, q, k, v)
-    check_mask(op, mask, shapes, q.dtype)
+    check_mask(op, mask, shapes)
     check_key_padding_mask(op, key_padding_mask, shapes)
     scale = resolve_scale(op, scale, shapes.head_dim)
     check_positive_int(op, "topk", topk)
