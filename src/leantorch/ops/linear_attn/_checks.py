@@ -81,12 +81,9 @@ def check_eps(op: str, eps: object) -> float:
     return float(eps)
 
 
-def check_log_decay(
-    op: str, log_decay: object, k: torch.Tensor, *, values: bool = True
-) -> torch.Tensor:
-    """log_decay: the same shape, dtype and device as k; with ``values``, every value finite and
-    <= 0 (the log of a decay in (0, 1]). The chunk mode checks values segment by segment, while
-    they are in cache, and passes ``values=False``."""
+def check_log_decay(op: str, log_decay: object, k: torch.Tensor) -> torch.Tensor:
+    """log_decay: the same shape, dtype and device as k; every value finite and <= 0 (the log of
+    a decay in (0, 1])."""
     if not isinstance(log_decay, torch.Tensor):
         raise LeanTypeError(f"{op}: log_decay={describe(log_decay)} must be a torch.Tensor")
     if log_decay.shape != k.shape:
@@ -99,15 +96,8 @@ def check_log_decay(
             f"{op}: log_decay is {log_decay.dtype} on {log_decay.device}; expected k's "
             f"{k.dtype} on {k.device}"
         )
-    if values:
-        check_log_decay_values(op, log_decay)
-    return log_decay
-
-
-def check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
-    """Every value finite and <= 0."""
     if not log_decay.numel():
-        return
+        return log_decay
     low, high = torch.aminmax(log_decay.detach())
     # NaN fails both comparisons, so it is caught too.
     if not (bool(high <= 0) and bool(low > -math.inf)):
@@ -115,6 +105,7 @@ def check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
             f"{op}: log_decay has values in [{low.item():.4g}, {high.item():.4g}]; expected "
             f"finite values <= 0 (the log of a decay in (0, 1], e.g. F.logsigmoid(x))"
         )
+    return log_decay
 
 
 def check_scale(op: str, scale: object, head_dim: int) -> float:

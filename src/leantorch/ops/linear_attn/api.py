@@ -214,9 +214,8 @@ def gated_linear_attention(
     """
     op = "gated_linear_attention"
     check_qkv(op, q, k, v, causal=True)
+    check_log_decay(op, log_decay, k)
     check_mode(op, mode)
-    # The chunk mode checks the values segment by segment, while they are in cache.
-    check_log_decay(op, log_decay, k, values=mode != "chunk")
     chunk_size = check_positive_int(op, "chunk_size", chunk_size)
     scale = check_scale(op, scale, q.shape[-1])
     batch, heads, k_len, key_dim = k.shape
@@ -245,7 +244,7 @@ def gated_linear_attention(
         out, state = gla_recurrent(q, k, v, log_decay, state)
     else:
         out, state = gla_chunk(q, k, v, log_decay, state, scale=scale, chunk_size=chunk_size,
-                               sub_chunk_size=sub_chunk_size, check_values=op)
+                               sub_chunk_size=sub_chunk_size)
     if prefix:
         out = out[:, :, prefix:]
     return (out, state) if return_state else out

@@ -45,7 +45,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from leantorch.ops.linear_attn._checks import check_log_decay_values
 from leantorch.ops.linear_attn._common import finish, with_ones
 from leantorch.ops.linear_attn.feature_maps import FeatureMap
 
@@ -271,15 +270,13 @@ def gla_chunk(
     chunk_size: int,
     sub_chunk_size: int | None = None,
     segment: int | None = None,
-    check_values: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise GLA.
 
     q, k, log_decay: (batch, heads, n, key_dim); v: (batch, heads, n, value_dim); state:
     (batch, heads, key_dim, value_dim). The output is multiplied by ``scale`` (the same as
     scaling q). ``segment`` positions are handled per batched step (None: about 4 MiB of
-    inputs). ``check_values`` (the op's name) checks log_decay's values segment by segment.
-    Returns out (batch, heads, n, value_dim) and the final state.
+    inputs). Returns out (batch, heads, n, value_dim) and the final state.
     """
     n = k.shape[2]
     if segment is None:
@@ -290,12 +287,9 @@ def gla_chunk(
     outputs = _Gather((*q.shape[:3], v.shape[-1]))
     for start in range(0, n, segment):
         stop = min(start + segment, n)
-        piece = log_decay[:, :, start:stop]
-        if check_values is not None:
-            check_log_decay_values(check_values, piece)
         out, state = _gla_segment(
-            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], piece, state,
-            chunk_size, candidates, scale)
+            q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
+            log_decay[:, :, start:stop], state, chunk_size, candidates, scale)
         outputs.add(start, out)
     return outputs.result(), state
 
@@ -326,10 +320,8 @@ def _gla_segment(
     starts = []
     for added, decay in zip(written.unbind(2), chunk_decay.unbind(2), strict=True):
         starts.append(state)
-        if terms.decay_after:
-            state = (state + added) * decay
-        else:
-            state = torch.addcmul(added, state, decay)
+        state = ((state + added) * decay if terms.decay_after
+                 else torch.addcmul(added, state, decay))
     # out = scale * (q_read S_start + scores v): the scale rides on the matmuls' alpha, and the
     # intra-chunk part accumulates in place (beta = 1).
     q_read = terms.q_read.flatten(0, 2)
