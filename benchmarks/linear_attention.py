@@ -11,7 +11,8 @@ GLA gates are ``F.logsigmoid(x) / 16`` (the GLA paper's parameterisation, x ~ N(
    n (least squares on log-log), and each op's own FLOPs counted by ``leantorch.measure.profile``
    as achieved GFLOP/s, as a fraction of the machine's matmul rate (``calibrate()``) and as a
    multiple of the matmul-bound time ``flops / rate``.
-2. ``chunk_sizes``: GLA and linear attention at n = 16k for chunk 16 .. 256.
+2. ``chunk_sizes``: GLA and linear attention at n = 16k for chunk 16 .. 256; ``anatomy``: the
+   same batched matmuls alone and the gate's elementwise passes alone, next to the full op.
 3. ``modes``: parallel / recurrent / chunk at n = 2k, and ``gla_step`` latency after a prefill
    of 2k and 16k tokens (flat: the state has a fixed size).
 4. ``fla``: ``fla.ops.gla.naive.naive_recurrent_gla``, ``fla.ops.linear_attn.naive`` and
@@ -164,6 +165,50 @@ def run_chunk_sizes(length: int, sizes: tuple[int, ...], warmup: int, rounds: in
         print(f"  chunk {key:22s} {row['median_s'] * 1e3:8.1f} ms, {row['gflops_per_s']:6.1f} "
               f"GF/s", flush=True)
     return {"n": length, "rows": rows, "fastest": best}
+
+
+def run_anatomy(length: int, warmup: int, rounds: int, rate: float) -> dict[str, Any]:
+    """Where GLA chunk mode's time goes: the same batched matmuls alone (chunk 64, the
+    implementation's segments), the gate's elementwise passes alone, and the full op."""
+    from leantorch.ops.linear_attn import chunk as chunk_module
+
+    q, k, v, g = make_inputs(length).values()
+    batch_heads = q.shape[0] * q.shape[1]
+    segment = chunk_module._segment_len(k, 4 * HEAD_DIM, CHUNK)
+    blocks = batch_heads * segment // CHUNK
+    a, b = (torch.randn(blocks, CHUNK, HEAD_DIM) for _ in range(2))
+    states = torch.randn(blocks, HEAD_DIM, HEAD_DIM)
+    scores = torch.randn(blocks, CHUNK, CHUNK)
+
+    def matmuls() -> None:  # scores, state update, state read, scores @ v
+        for _ in range(0, length, segment):
+            _ = a @ b.transpose(1, 2)
+            _ = b.transpose(1, 2) @ a
+            out = torch.bmm(a, states)
+            out.baddbmm_(scores, a)
+
+    def gate_passes() -> None:  # cumulative sum, exponential, decayed q and k
+        for start in range(0, length, segment):
+            piece = slice(start, start + segment)
+            within = g[:, :, piece].unflatten(2, (-1, CHUNK)).cumsum(-2)
+            growth = within.exp()
+            _ = q[:, :, piece].unflatten(2, (-1, CHUNK)) * growth
+            _ = k[:, :, piece].unflatten(2, (-1, CHUNK)) / growth
+
+    fns = {"full": lambda: gated_linear_attention(q, k, v, g), "matmuls_only": matmuls,
+           "gate_passes_only": gate_passes}
+    with torch.no_grad():
+        times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    matmul_flops = 4 * 2 * batch_heads * length * CHUNK * HEAD_DIM * HEAD_DIM // CHUNK
+    result = {"n": length, "segment_positions": segment, "median_s": medians,
+              "matmul_flops": matmul_flops,
+              "matmuls_only_times_matmul_bound": round(medians["matmuls_only"] / (
+                  matmul_flops / rate), 3)}
+    print(f"  anatomy at n={length}: full {medians['full'] * 1e3:.1f} ms, matmuls alone "
+          f"{medians['matmuls_only'] * 1e3:.1f} ms ({result['matmuls_only_times_matmul_bound']}x "
+          f"bound), gate passes alone {medians['gate_passes_only'] * 1e3:.1f} ms", flush=True)
+    return result
 
 
 def run_modes(length: int, warmup: int, rounds: int) -> dict[str, Any]:
@@ -324,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fitted exponents: {curve['fitted_exponent']}")
     chunk_sizes = run_chunk_sizes(max(options.lengths), tuple(options.chunk_sizes),
                                   options.warmup, options.rounds, rate)
+    anatomy = run_anatomy(max(options.lengths), options.warmup, options.rounds + 4, rate)
     modes = run_modes(2048, options.warmup, options.rounds)
     decode = run_decode((2048, 16384), steps=200)
     fla = {"skipped": True} if options.skip_fla else run_fla(2048, options.warmup, options.rounds)
@@ -356,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "curve": curve,
         "chunk_sizes": chunk_sizes,
+        "anatomy": anatomy,
         "modes": modes,
         "decode": decode,
         "fla": fla,
