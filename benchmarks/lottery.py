@@ -197,7 +197,7 @@ def two_se(a: dict[str, float], b: dict[str, float]) -> float:
     return 2 * (a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) ** 0.5
 
 
-def plot(summaries: dict[str, list[dict[str, Any]]], path) -> None:
+def plot(summaries: dict[str, list[dict[str, Any]]], path, rewind_step: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +237,10 @@ def plot(summaries: dict[str, list[dict[str, Any]]], path) -> None:
                          f"{summary[0]['ticket_test']['n']} seeds)", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8, loc="lower left")
+    where = "their initial weights" if rewind_step == 0 else f"their weights at step {rewind_step}"
+    fig.suptitle(f"Lottery tickets on sklearn digits: survivors rewound to {where} after every "
+                 "round (each round prunes 20% of every layer; 10% of convolutions and the output "
+                 "layer)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         (f"_{options.tag}" if options.tag else "")
     if options.plot_only:
         saved = json.loads((RESULTS_DIR / f"lottery{suffix}.json").read_text())
-        plot(saved["summary"], RESULTS_DIR / f"lottery{suffix}.png")
+        plot(saved["summary"], RESULTS_DIR / f"lottery{suffix}.png",
+             saved["setup"]["rewind_step"])
         return
     threads = setup_threads(THREADS)
     started = time.perf_counter()
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "verdict_10_to_20_percent": verdicts, "summary": summaries, "runs": runs,
         "script_seconds": round(time.perf_counter() - started, 1),
     }
-    plot(summaries, RESULTS_DIR / f"lottery{suffix}.png")
+    plot(summaries, RESULTS_DIR / f"lottery{suffix}.png", options.rewind_step)
     path = write_results(f"lottery{suffix}", payload)
     print(f"wrote {path} in {payload['script_seconds']} s")
 
