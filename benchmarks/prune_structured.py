@@ -216,10 +216,12 @@ def coverage() -> dict[str, Any]:
                     torch_pruning_text(theirs, ids, 0.3, help_it)
                 with torch.no_grad():
                     logits = theirs(input_ids=ids, use_cache=False).logits
-                entry[label] = {
-                    "status": "ok" if logits.shape == reference.shape else "wrong output shape",
-                    "prune_s": round(time.perf_counter() - start, 1),
-                    **counts(theirs, input_ids=ids, use_cache=False)}
+                after = counts(theirs, input_ids=ids, use_cache=False)
+                status = "ok" if logits.shape == reference.shape else "wrong output shape"
+                if after["params"] == entry["original"]["params"]:
+                    status = "ran, but removed nothing"
+                entry[label] = {"status": status,
+                                "prune_s": round(time.perf_counter() - start, 1), **after}
             except Exception as error:
                 entry[label] = {"status": "error", "error": error_text(error),
                                 "after_s": round(time.perf_counter() - start, 1)}

@@ -24,6 +24,7 @@ indices go (:meth:`DependencyGraph.keep_indices`); this module
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,21 +379,28 @@ def _update_configs(model: nn.Module, result: Removal) -> None:
         current = _mismatches(target, root, config)
         if not current:
             continue
+        candidates = {}
         for key, value in config.to_dict().items():
             if isinstance(value, bool) or not isinstance(value, int) or value not in mapping:
                 continue
-            if len(mapping[value]) != 1:
+            if len(mapping[value]) == 1:
+                candidates[key] = (value, next(iter(mapping[value])))
+        # single keys first, then pairs (a head count and a KV head count move together)
+        tries = [(k,) for k in candidates]
+        tries += list(itertools.combinations(candidates, 2)) if len(candidates) <= 8 else []
+        for keys in tries:
+            if not current or any(k not in candidates for k in keys):
                 continue
-            new = next(iter(mapping[value]))
             trial = copy.deepcopy(config)
-            setattr(trial, key, new)
+            for k in keys:
+                setattr(trial, k, candidates[k][1])
             found = _mismatches(target, root, trial)
             if found is not None and found < current:
-                setattr(config, key, new)
-                result.config.setdefault(path, {})[key] = (value, new)
+                for k in keys:
+                    old, new = candidates.pop(k)
+                    setattr(config, k, new)
+                    result.config.setdefault(path, {})[k] = (old, new)
                 current = found
-            if not current:
-                break
 
 
 # --------------------------------------------------------------------------- save / load
