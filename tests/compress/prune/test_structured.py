@@ -329,3 +329,17 @@ def test_the_iterative_recipe_prunes_distils_and_prunes_again(tmp_path: Path) ->
     assert model.model.layers[0].mlp.gate_proj.out_features == FF  # the caller's model
     loaded = roundtrip(result.model, tmp_path)  # two recorded cuts replay in order
     assert torch.equal(run(loaded, batches[0]), run(result.model, batches[0]))
+
+
+def test_removing_a_head_equals_zeroing_its_output_projection_columns() -> None:
+    model, inputs = tiny_bert(), text_inputs()
+    pruned, change = prune_structured(model, ratio=0.25, units="heads", example_inputs=inputs)
+    graph = build_graph(model, inputs)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, units in change.details["removed"].items():
+            for t in graph.group(name).tensors:
+                if t.role == "in":  # only the output projection's columns
+                    weight = reference.get_parameter(t.tensor)
+                    weight.index_fill_(t.dim, t.indices(units), 0)
+    torch.testing.assert_close(run(pruned, inputs), run(reference, inputs), atol=1e-5, rtol=1e-5)
