@@ -17,7 +17,9 @@ for weights pruned by leantorch's own transforms:
   * ``block16`` / ``block32``: ``prune.block`` at tile densities 5% .. 70% (run as BSR with the
     matching tile and as CSR, to show what the tile structure is worth),
 
-interleaved in one process after warm-up, and reports medians, the speedup dense / sparse, the
+interleaved in one process after warm-up (a sample of a fast layer is a run of forwards
+through 4 copies of it, so weights come from memory as in a model; see ``run_case``), and
+reports medians per forward, the speedup dense / sparse, the
 stored bytes, and per (shape, rows, pattern, format) the crossover density: the density below
 which the sparse path is faster (linear interpolation of log speedup between the last density
 that wins and the first that loses). Writes ``benchmarks/results/sparse_matmul.json`` and
@@ -30,6 +32,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import os
@@ -61,6 +64,7 @@ DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 NM = [(1, 32), (1, 16), (1, 8), (1, 4), (2, 4), (3, 4)]
 BLOCK_DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
 BLOCKS = [16, 32]
+LAYERS = 4  # copies of a fast layer run in turn, so each reads its weights from memory
 
 
 def pruned_weight(layer: nn.Linear, pattern: str, density: float, n: int = 0,
@@ -79,6 +83,13 @@ def pruned_weight(layer: nn.Linear, pattern: str, density: float, n: int = 0,
 def stored_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in
                list(module.parameters()) + list(module.buffers()))
+
+
+def per_call(stats: dict[str, Any], calls: int) -> dict[str, Any]:
+    """Sample statistics (one sample = ``calls`` forwards) as seconds per forward."""
+    return {"median_s": stats["median_s"] / calls, "min_s": stats["min_s"] / calls,
+            "max_s": stats["max_s"] / calls,
+            "samples_s": [round(t / calls, 9) for t in stats["samples_s"]]}
 
 
 def run_case(in_f: int, out_f: int, rows: int, pattern: str, density: float, n: int, m: int,
@@ -102,27 +113,42 @@ def run_case(in_f: int, out_f: int, rows: int, pattern: str, density: float, n: 
         for name, module in variants.items():  # every variant computes the same thing
             torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4,
                                        msg=lambda text, name=name: f"{name}: {text}")
+    # the dense forward's time on a ~200 GFLOP/s, ~10 GB/s core pair: a fixed estimate, so the
+    # sample layout does not depend on how busy the machine is when the script runs
+    single = 2 * rows * in_f * out_f / 200e9 + 4 * in_f * out_f / 10e9
+    # A fast forward is timed as a run of forwards through LAYERS copies of the layer (as in
+    # a model, each reads its own weights, which the copies push out of the 2 x 2 MiB L2),
+    # repeated so one sample takes >= ~10 ms: the OpenMP wake-up and cold caches that
+    # interleaved_timings' gc.collect() leaves before each sample are then paid once per
+    # sample, not once per forward.
+    layers = LAYERS if single < 0.002 else 1
+    repeats = max(1, math.ceil(0.01 / (layers * single)))
+    copies = {name: [module] + [copy.deepcopy(module) for _ in range(layers - 1)]
+              for name, module in variants.items()}
 
-    def call(module: nn.Module):
+    def call(modules: list[nn.Module]):
         def run() -> None:
             with torch.no_grad():
-                module(x)
+                for _ in range(repeats):
+                    for module in modules:
+                        module(x)
         return run
 
-    fns = {name: call(module) for name, module in variants.items()}
+    fns = {name: call(modules) for name, modules in copies.items()}
     start = time.perf_counter()
-    fns["dense"]()
     fns[list(fns)[-1]]()
     slow = time.perf_counter() - start > 0.3  # keep the slowest cases from eating the budget
     times = interleaved_timings(fns, warmup=warmup, rounds=max(3, rounds // 2) if slow
                                 else rounds)
-    stats = {name: summarize(samples) for name, samples in times.items()}
+    calls = repeats * layers
+    stats = {name: per_call(summarize(samples), calls) for name, samples in times.items()}
     base = stats["dense"]["median_s"]
     kept = int((weight != 0).sum())
     return {
         "in_features": in_f, "out_features": out_f, "rows": rows, "pattern": pattern,
         "nm": f"{n}:{m}" if pattern == "nm" else None,
         "target_density": density, "density": kept / weight.numel(),
+        "forwards_per_sample": {"layers": layers, "repeats": repeats},
         "median_s": {name: s["median_s"] for name, s in stats.items()},
         "speedup_vs_dense": {name: ratio(base, s["median_s"], 3)
                              for name, s in stats.items() if name != "dense"},
@@ -131,7 +157,7 @@ def run_case(in_f: int, out_f: int, rows: int, pattern: str, density: float, n: 
         "speedup_vs_dense_min": {name: ratio(stats["dense"]["min_s"], s["min_s"], 3)
                                  for name, s in stats.items() if name != "dense"},
         "stored_bytes": {name: stored_bytes(module) for name, module in variants.items()},
-        "timings": stats,
+        "timings_per_forward": stats,
     }
 
 
@@ -241,9 +267,11 @@ def main(argv: list[str] | None = None) -> None:
                 })
     payload = {
         "benchmark": "sparse_matmul",
-        "description": "median wall time of a Linear layer with pruned weights: dense F.linear "
-                       "(zeros multiplied) vs leantorch SparseLinear in CSR and BSR "
-                       "(torch.sparse), fp32, no_grad, interleaved rounds after warm-up; "
+        "description": "median wall time per forward of a Linear layer with pruned weights: "
+                       "dense F.linear (zeros multiplied) vs leantorch SparseLinear in CSR and "
+                       "BSR (torch.sparse), fp32, no_grad, interleaved rounds after warm-up; "
+                       "a sample of a fast layer runs forwards_per_sample forwards through "
+                       "copies of the layer; "
                        "speedup = dense / sparse; crossover_density = the density below which "
                        "sparse wins",
         "threads": threads, "dtype": "float32", "warmup": options.warmup,

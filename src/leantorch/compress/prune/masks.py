@@ -42,7 +42,6 @@ __all__ = [
     "prune_magnitude",
     "prune_scores",
     "set_mask",
-    "weight_matrix_shape",
 ]
 
 
@@ -92,15 +91,6 @@ def input_dim(module: nn.Module) -> int:
     """The weight dimension that runs along the layer's input: 1 for Linear and convolutions
     (``(out, in, *kernel)``), 0 for transformers' Conv1D (``(in, out)``)."""
     return 0 if _is_transformers_conv1d(module) else 1
-
-
-def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of the matrix the layer multiplies by (a convolution's
-    kernel dimensions count as input: ``in/groups * prod(kernel)``)."""
-    weight = _original(module)
-    if _is_transformers_conv1d(module):
-        return int(weight.shape[1]), int(weight.shape[0])
-    return int(weight.shape[0]), int(weight.numel() // weight.shape[0])
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
