@@ -212,7 +212,9 @@ def find_ffns(model: nn.Module, include: str | Sequence[str] | None = None,
 
     sites = []
     for path, module in model.named_modules():
-        if isinstance(module, MoE) or any(path.startswith(s.path + ".") for s in sites):
+        # the model itself is never a site: a transform edits the model, it cannot swap it
+        if not path or isinstance(module, MoE) or any(
+                path.startswith(s.path + ".") for s in sites):
             continue
         site = _site_of(path, module, model)
         if site is None:
@@ -509,7 +511,8 @@ def moefy_split(
         sites = find_ffns(target, include, exclude)
         if not sites:
             raise LeanError(f"moefy.split: no dense FFN matched include={include!r} "
-                            f"exclude={exclude!r} in {type(target).__name__}")
+                            f"exclude={exclude!r} in {type(target).__name__} (a model that is "
+                            "itself one FFN: wrap it, or call split_ffn on find_ffns's site)")
         inputs = _collect_inputs(target, [s.path for s in sites], calibration, max_tokens) \
             if needs_data else {}
         for site in sites:
@@ -587,7 +590,8 @@ def moefy_upcycle(
         sites = find_ffns(target, include, exclude)
         if not sites:
             raise LeanError(f"moefy.upcycle: no dense FFN matched include={include!r} "
-                            f"exclude={exclude!r} in {type(target).__name__}")
+                            f"exclude={exclude!r} in {type(target).__name__} (a model that is "
+                            "itself one FFN: wrap it, or call upcycle_ffn on find_ffns's site)")
         for index, site in enumerate(sites):
             moe = upcycle_ffn(site, num_experts, k, noise=noise, router_std=router_std,
                               seed=seed + index, **dict(moe_args))

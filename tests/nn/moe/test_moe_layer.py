@@ -41,7 +41,7 @@ class _CountMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.mm.default:
+        if func.overloadpacket is torch.ops.aten.mm:  # mm and mm.out
             self.shapes.append(tuple(out.shape))
         return out
 
@@ -81,9 +81,9 @@ def test_only_the_chosen_experts_run() -> None:
     with _CountMatmuls() as seen:
         layer(x)
     assert layer.stats.load.tolist() == [0, 0, 3, 0, 4, 0]
-    # the router's mm, then one mm per expert that received tokens, on exactly its rows, for
-    # the up projection and again for the down projection
-    assert seen.shapes == [(7, 6), (3, 2 * H), (4, 2 * H), (3, D), (4, D)]
+    # the router's mm, then the up and down projections of each expert that received
+    # tokens, on exactly its rows
+    assert seen.shapes == [(7, 6), (3, 2 * H), (3, D), (4, 2 * H), (4, D)]
 
 
 def test_layer_matches_the_naive_loop_in_values_and_gradients() -> None:
@@ -290,7 +290,8 @@ def test_counted_macs_follow_the_routing(backend) -> None:
     router = tokens * dim * (experts + 3)
     shared = tokens * (dim * 2 * 8 + 8 * dim)
     constant = constant_rows * dim * 2  # alpha = softmax(W_c x)
-    assert report.macs == router + ffn_rows * per_row + shared + constant
+    mix = tokens * k * dim  # each token's k rows, gate-weighted: one (1 x k) @ (k x dim)
+    assert report.macs == router + ffn_rows * per_row + shared + constant + mix
     # zero and copy experts cost no matmul: the experts module costs only its rows
     experts_cost = next(m for m in report.modules if m.path == "experts").forward
     assert experts_cost.macs == ffn_rows * per_row
@@ -303,11 +304,12 @@ def test_backward_is_counted_with_nothing_uncounted() -> None:
     layer = MoE(16, 24, 4, 2, capacity_factor=1.0, copy_experts=1).train()
     report = count(layer, torch.randn(12, 16), backward=True)
     rows = sum(layer.stats.load.tolist()[:4])
-    router, up, down = 12 * 16 * 5, rows * 16 * 48, rows * 24 * 16
-    assert report.macs == router + up + down
+    router, up, down, mix = 12 * 16 * 5, rows * 16 * 48, rows * 24 * 16, 12 * 2 * 16
+    assert report.macs == router + up + down + mix
     # weight gradients of all three; input gradients only where something upstream needs
-    # them: the down projection's (the input x does not require grad)
-    assert report.backward.macs == router + up + 2 * down
+    # them: the down projection's (the input x does not require grad); the mix's gradient
+    # for both the gates and the rows
+    assert report.backward.macs == router + up + 2 * down + 2 * mix
     assert report.uncounted == {}
 
 

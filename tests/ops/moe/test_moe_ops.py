@@ -13,12 +13,15 @@ from leantorch.ops.moe import (
     balance_loss,
     capacity_for,
     combine,
+    combine_topk,
+    dispatch_topk,
     expert_choice_routing,
     expert_mlp,
     grouped_matmul,
     grouped_mm_supported,
     plan_dispatch,
     priority_order,
+    topk_layout,
     topk_routing,
     z_loss,
 )
@@ -299,3 +302,61 @@ def test_float32_grouped_mm_dispatch_matches_the_float64_reference() -> None:
                       routing.gates.double(), *(w.double() if w is not None else None
                                                 for w in weights))
     torch.testing.assert_close(fast.double(), naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("priority,capacity", [("position", None), ("score", 4),
+                                               ("position", 3)])
+def test_permutation_dispatch_and_batched_combine_equal_gather_and_scatter_add(priority,
+                                                                               capacity) -> None:
+    tokens, experts, k, dim = 9, 4, 3, 5
+    routing = priority_order(topk_routing(torch.randn(tokens, experts, dtype=torch.float64), k),
+                             priority)
+    plan = plan_dispatch(routing.expert_index, experts, capacity)
+    layout = topk_layout(plan, routing.token_index, routing.choice, tokens, k)
+    assert torch.equal(torch.sort(layout.slot_of_row).values, torch.arange(tokens * k))
+    assert torch.equal(layout.slot_of_row[layout.row_of_slot], torch.arange(tokens * k))
+    kept = plan.order.numel()
+    x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(dim, dim, dtype=torch.float64, requires_grad=True)
+    gates = routing.gates.detach().clone().requires_grad_()
+
+    def permuted(x, weight, gates):
+        rows = dispatch_topk(x, layout)
+        out = torch.cat([rows[:kept] @ weight, rows.new_zeros(tokens * k - kept, dim)])
+        by_slot = torch.zeros(tokens * k, dtype=gates.dtype).index_put(
+            (routing.token_index * k + routing.choice,), gates)
+        return combine_topk(out, layout, by_slot.view(tokens, k))
+
+    def scattered(x, weight, gates):
+        token = routing.token_index[plan.order]
+        return combine(x.index_select(0, token) @ weight, gates[plan.order], token, tokens)
+
+    torch.testing.assert_close(permuted(x, weight, gates), scattered(x, weight, gates))
+    assert torch.autograd.gradcheck(permuted, (x, weight, gates))
+    grads = [torch.autograd.grad(f(x, weight, gates).square().sum(), (x, weight, gates))
+             for f in (permuted, scattered)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True)])
+def test_loop_and_grouped_expert_mlp_agree_with_empty_experts(gated, bias) -> None:
+    counts = torch.tensor([5, 0, 7, 0])
+    rows = torch.randn(12, 8)
+    weights = [w.requires_grad_() if w is not None else None
+               for w in _weights(4, 8, 12, gated, bias, dtype=torch.float32)]
+    probe = torch.randn(12, 8)
+    results = {}
+    for backend in ("loop", "grouped_mm"):
+        for rows_need_grad in (False, True):
+            x = rows.clone().requires_grad_(rows_need_grad)
+            out = expert_mlp(x, counts, *weights, activation="gelu", gated=gated,
+                             backend=backend)
+            inputs = [w for w in weights if w is not None] + ([x] if rows_need_grad else [])
+            results[backend, rows_need_grad] = (out, *torch.autograd.grad(
+                (out * probe).sum(), inputs))
+    for key in ((False,), (True,)):
+        for a, b in zip(results[("loop", *key)], results[("grouped_mm", *key)], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    grad_w_in = results["loop", True][1]
+    assert grad_w_in[1].abs().sum() == 0 and grad_w_in[3].abs().sum() == 0

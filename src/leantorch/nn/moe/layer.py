@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from leantorch.errors import LeanError, describe
 from leantorch.nn.moe.experts import FeedForward, StackedExperts
 from leantorch.nn.moe.router import Router
-from leantorch.ops.moe.dispatch import combine, plan_dispatch
+from leantorch.ops.moe.dispatch import (
+    combine,
+    combine_topk,
+    dispatch_topk,
+    plan_dispatch,
+    topk_layout,
+)
 from leantorch.ops.moe.routing import balance_loss, capacity_for, z_loss
 from leantorch.serialize import register_module
 
@@ -259,38 +265,29 @@ class MoE(nn.Module):
             capacity = capacity_for(tokens, self.k, self.num_experts, self.capacity_factor)
         plan = plan_dispatch(routing.expert_index, self.total_experts, capacity,
                              capped_experts=self.num_experts)
-        token_sorted = routing.token_index[plan.order]
-        gates_sorted = routing.gates[plan.order]
         counts = plan.counts_list()
-
-        out = None
-        n_ffn = sum(counts[: self.num_experts])
-        if n_ffn:
-            tok = token_sorted[:n_ffn]
-            y = self.experts(flat.index_select(0, tok), plan.counts[: self.num_experts],
-                             counts[: self.num_experts])
-            out = combine(y, gates_sorted[:n_ffn], tok, tokens)
-        start = n_ffn + sum(counts[self.num_experts: self.num_experts + self.zero_experts])
-        first_copy = self.num_experts + self.zero_experts
-        n_copy = sum(counts[first_copy: first_copy + self.copy_experts])
-        if n_copy:  # the copy expert's output is its input: no matmul
-            tok = token_sorted[start: start + n_copy]
-            out = combine(flat.index_select(0, tok), gates_sorted[start: start + n_copy], tok,
-                          tokens, out)
-        start += n_copy
-        first_constant = first_copy + self.copy_experts
-        for c in range(self.constant_experts):
-            n = counts[first_constant + c]
-            if not n:
-                continue
-            tok = token_sorted[start: start + n]
-            rows = flat.index_select(0, tok)
-            alpha = torch.softmax(rows @ self.constant_w[c].t(), dim=-1)  # (n, 2)
-            y = alpha[:, :1] * rows + alpha[:, 1:] * self.constant_v[c]
-            out = combine(y, gates_sorted[start: start + n], tok, tokens, out)
-            start += n
-        if out is None:
-            out = flat.new_zeros(tokens, self.dim)
+        if self.router.routing == "topk":
+            # every token owns k rows: dispatch and combine are permutations (gathers both
+            # ways, no scatter-add), the gates mixed in by one batched matmul
+            layout = topk_layout(plan, routing.token_index, routing.choice, tokens, self.k)
+            rows = dispatch_topk(flat, layout)
+            pieces = self._expert_outputs(rows, plan, counts)
+            if plan.dropped:
+                pieces.append(rows.new_zeros(plan.dropped, self.dim))
+            if self.router.priority == "position":  # choice-major: (k, T) -> (T, k) view
+                gates = routing.gates.view(self.k, tokens).t()
+            else:
+                assignment_of_slot = torch.cat([plan.order, plan.dropped_order])[
+                    layout.row_of_slot] if plan.dropped else plan.order[layout.row_of_slot]
+                gates = routing.gates[assignment_of_slot].view(tokens, self.k)
+            rows_out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            out = combine_topk(rows_out, layout, gates)
+            kept_tokens = layout.token_of_row[: plan.order.numel()]
+        else:  # expert choice: a token has any number of rows
+            kept_tokens = routing.token_index[plan.order]
+            rows = flat.index_select(0, kept_tokens)
+            rows_out = torch.cat(self._expert_outputs(rows, plan, counts))
+            out = combine(rows_out, routing.gates[plan.order], kept_tokens, tokens)
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.output_bias is not None:
@@ -300,12 +297,44 @@ class MoE(nn.Module):
 
         self.stats = MoEStats(tokens=tokens, load=plan.counts, requested=plan.requested,
                               dropped=plan.dropped, router_logits=logits,
-                              kept_token_index=token_sorted,
+                              kept_token_index=kept_tokens,
                               exchanged_bytes=int(getattr(self.experts, "last_exchanged_bytes",
                                                           0)))
         if self.training:
             self._training_side(routing.probs, logits, plan.requested)
         return out.reshape(shape)
+
+    def _expert_outputs(self, rows: Tensor, plan: Any, counts: list[int]) -> list[Tensor]:
+        """Outputs of the kept rows (dispatch order, grouped by expert id): the FFN experts,
+        then zeros for the zero experts, the rows themselves for the copy experts (no matmul
+        for either), then the constant experts ``a1 x + a2 v``."""
+        pieces = []
+        n_ffn = sum(counts[: self.num_experts])
+        if n_ffn:
+            pieces.append(self.experts(rows[:n_ffn], plan.counts[: self.num_experts],
+                                       counts[: self.num_experts]))
+        start = n_ffn
+        first_copy = self.num_experts + self.zero_experts
+        n_zero = sum(counts[self.num_experts: first_copy])
+        if n_zero:
+            pieces.append(rows.new_zeros(n_zero, self.dim))
+        start += n_zero
+        n_copy = sum(counts[first_copy: first_copy + self.copy_experts])
+        if n_copy:
+            pieces.append(rows[start: start + n_copy])
+        start += n_copy
+        first_constant = first_copy + self.copy_experts
+        for c in range(self.constant_experts):
+            n = counts[first_constant + c]
+            if not n:
+                continue
+            x = rows[start: start + n]
+            alpha = torch.softmax(x @ self.constant_w[c].t(), dim=-1)  # (n, 2)
+            pieces.append(alpha[:, :1] * x + alpha[:, 1:] * self.constant_v[c])
+            start += n
+        if not pieces:
+            pieces.append(rows.new_zeros(0, self.dim))
+        return pieces
 
     def _training_side(self, probs: Tensor, logits: Tensor, requested: Tensor) -> None:
         """Balance and z losses, and the auxiliary-loss-free bias step."""

@@ -8,11 +8,15 @@ expert is ``y = act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`` (gated:
 
 Two ways to run the grouped matmul, with the same results:
 
-* ``"loop"``: one ``mm`` per non-empty expert on its slice of rows, the weights taken with
-  ``unbind`` (views): indexing ``w[e]`` inside autograd would make every expert's backward
-  allocate and fill a gradient the size of the whole stacked weight;
+* ``"loop"``: one expert after the other on its slice of rows, in an autograd Function that
+  writes outputs and weight gradients in place (indexing ``w[e]`` inside autograd would make
+  every expert's backward allocate and fill a gradient the size of the whole stacked weight;
+  ``unbind`` views avoid that but still copy all the gradients once more when stacking them);
 * ``"grouped_mm"``: ``torch._grouped_mm`` (one call for all experts; float32 / bfloat16 /
-  float16, every stride a multiple of 16 bytes); ``"auto"`` takes it when it applies.
+  float16, every stride a multiple of 16 bytes).
+
+``"auto"`` takes the loop on a CPU, where it measured faster (``benchmarks/moe.py``), and the
+grouped matmul on a GPU where it applies.
 
 No path loops over tokens in Python: the only Python loop is over the experts.
 """
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from leantorch.errors import LeanError, describe
 
@@ -32,12 +38,16 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "DispatchPlan",
+    "TopkLayout",
     "activation_fn",
     "combine",
+    "combine_topk",
+    "dispatch_topk",
     "expert_mlp",
     "grouped_matmul",
     "grouped_mm_supported",
     "plan_dispatch",
+    "topk_layout",
 ]
 
 BACKENDS = ("auto", "loop", "grouped_mm")
@@ -69,13 +79,15 @@ class DispatchPlan:
     ``order (kept,)``: indices into the assignment arrays, grouped by expert (ascending) and in
     priority order within an expert; ``counts (experts,)``: kept assignments per expert;
     ``requested (experts,)``: assignments per expert before the capacity limit;
-    ``dropped``: assignments over capacity (not run; the residual stream carries the token).
+    ``dropped``: assignments over capacity (not run; the residual stream carries the token);
+    ``dropped_order (dropped,)``: their indices, grouped by expert.
     """
 
     order: Tensor
     counts: Tensor
     requested: Tensor
     dropped: int
+    dropped_order: Tensor | None = None
 
     def counts_list(self) -> list[int]:
         return [int(c) for c in self.counts.tolist()]
@@ -116,7 +128,8 @@ def plan_dispatch(
     keep = position < limit[sorted_experts]
     counts = torch.minimum(requested, limit)
     kept_order = order[keep]
-    return DispatchPlan(kept_order, counts, requested, int(order.numel() - kept_order.numel()))
+    return DispatchPlan(kept_order, counts, requested, int(order.numel() - kept_order.numel()),
+                        order[~keep])
 
 
 def grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
@@ -201,6 +214,97 @@ def grouped_matmul(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class _LoopExpertMLP(torch.autograd.Function):
+    """Each expert run whole on its rows (up projection, activation, down projection), one
+    after the other, forward and backward.
+
+    Why a Function: per expert, the ``hidden``-wide intermediates stay small (they fit in cache
+    for a few hundred rows, where one buffer for all experts would not); the outputs and the
+    weight gradients are written in place (``out=``) instead of being concatenated and stacked
+    (autograd through ``unbind`` would copy every expert's weight gradient once more: the
+    whole cost of a small batch). Only the pre-activations are saved; the activation is
+    recomputed per expert in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+                b_out: Tensor | None, sizes: list[int], activation: str,
+                gated: bool) -> Tensor:
+        hidden_of = _hidden_fn(activation, gated)
+        out = rows.new_empty(rows.shape[0], w_out.shape[2])
+        save = any(ctx.needs_input_grad[:5])
+        pre = rows.new_empty(rows.shape[0], w_in.shape[2]) if save else None
+        start = 0
+        for e, n in enumerate(sizes):
+            if n == 0:
+                continue  # an expert that received nothing runs nothing
+            stop = start + n
+            h = pre[start:stop] if save else None
+            if b_in is None:
+                h = torch.mm(rows[start:stop], w_in[e], out=h)
+            else:
+                h = torch.addmm(b_in[e], rows[start:stop], w_in[e], out=h)
+            a = hidden_of(h)
+            if b_out is None:
+                torch.mm(a, w_out[e], out=out[start:stop])
+            else:
+                torch.addmm(b_out[e], a, w_out[e], out=out[start:stop])
+            start = stop
+        ctx.sizes, ctx.activation, ctx.gated = list(sizes), activation, gated
+        ctx.save_for_backward(rows, w_in, w_out, pre)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, w_in, w_out, pre = ctx.saved_tensors
+        need_rows, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
+        need_hidden = need_rows or need_w_in or need_b_in
+        hidden_of = _hidden_fn(ctx.activation, ctx.gated)
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
+        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
+        grad_b_in = w_in.new_zeros(w_in.shape[0], w_in.shape[2]) if need_b_in else None
+        grad_b_out = w_out.new_zeros(w_out.shape[0], w_out.shape[2]) if need_b_out else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if n == 0:
+                continue
+            stop = start + n
+            g = grad[start:stop]
+            with torch.enable_grad():
+                h = pre[start:stop].detach().requires_grad_(need_hidden)
+                a = hidden_of(h)
+            if need_w_out:
+                torch.mm(a.detach().t(), g, out=grad_w_out[e])
+            if need_b_out:
+                torch.sum(g, dim=0, out=grad_b_out[e])
+            if need_hidden:
+                (grad_h,) = torch.autograd.grad(a, h, g @ w_out[e].t())
+                if need_w_in:
+                    torch.mm(rows[start:stop].t(), grad_h, out=grad_w_in[e])
+                if need_b_in:
+                    torch.sum(grad_h, dim=0, out=grad_b_in[e])
+                if need_rows:
+                    torch.mm(grad_h, w_in[e].t(), out=grad_rows[start:stop])
+            start = stop
+        if need_rows and start < rows.shape[0]:  # rows past the last group: no expert
+            grad_rows[start:].zero_()
+        return grad_rows, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+
+
+def _hidden_fn(activation: str, gated: bool) -> Callable[[Tensor], Tensor]:
+    act = activation_fn(activation)
+
+    def hidden_of(h: Tensor) -> Tensor:
+        if gated:
+            gate, up = h.chunk(2, dim=-1)
+            return act(gate) * up
+        return act(h)
+
+    return hidden_of
+
+
 def expert_mlp(
     rows: Tensor,
     counts: Tensor,
@@ -219,17 +323,109 @@ def expert_mlp(
     ``rows (S, dim)``, ``counts (E,)``, ``w_in (E, dim, hidden or 2*hidden)``,
     ``w_out (E, hidden, dim)``, ``b_in (E, hidden or 2*hidden)``, ``b_out (E, dim)``
     -> ``(S, dim)``.
+
+    ``"loop"`` runs each expert whole on its rows (:class:`_LoopExpertMLP`);
+    ``"grouped_mm"`` makes two ``torch._grouped_mm`` calls around one activation over all
+    rows. ``"auto"``: the loop on a CPU (measured faster there, ``benchmarks/moe.py``), the
+    grouped matmul on a GPU when it applies.
     """
-    act = activation_fn(activation)
-    if counts_list is None and backend != "grouped_mm":
-        counts_list = [int(c) for c in counts.tolist()]
-    hidden = grouped_matmul(rows, w_in, counts, b_in, backend, counts_list)
-    if gated:
-        gate, up = hidden.chunk(2, dim=-1)
-        hidden = act(gate) * up
-    else:
-        hidden = act(hidden)
-    return grouped_matmul(hidden, w_out, counts, b_out, backend, counts_list)
+    if backend not in BACKENDS:
+        raise LeanError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    use_grouped = backend == "grouped_mm" or (
+        backend == "auto" and rows.device.type != "cpu" and grouped_mm_supported(rows, w_in)
+        and grouped_mm_supported(rows, w_out))
+    if use_grouped:
+        hidden = grouped_matmul(rows, w_in, counts, b_in, "grouped_mm")
+        return grouped_matmul(_hidden_fn(activation, gated)(hidden), w_out, counts, b_out,
+                              "grouped_mm")
+    activation_fn(activation)
+    sizes = list(counts_list) if counts_list is not None else [int(c) for c in counts.tolist()]
+    return _LoopExpertMLP.apply(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``flat.index_select(0, token_of_row)`` where every token owns exactly ``k`` rows; the
+    backward gathers each token's ``k`` row gradients and sums them (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, token_of_row: Tensor, row_of_slot: Tensor,
+                k: int) -> Tensor:
+        ctx.save_for_backward(row_of_slot)
+        ctx.tokens, ctx.k = flat.shape[0], k
+        return flat.index_select(0, token_of_row)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (row_of_slot,) = ctx.saved_tensors
+        per_slot = grad.index_select(0, row_of_slot).view(ctx.tokens, ctx.k, -1)
+        return per_slot.sum(dim=1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for a permutation ``index``; the backward applies the
+    inverse permutation (a gather, where autograd's generic backward would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+@dataclass
+class TopkLayout:
+    """Where each of the ``tokens * k`` top-k assignments sits.
+
+    A *slot* is an assignment in token-major order (``t * k + j``: token ``t``'s ``j``-th
+    choice); a *row* is its position in dispatch order (grouped by expert: the kept
+    assignments of :class:`DispatchPlan`, then the dropped ones). ``slot_of_row`` and
+    ``row_of_slot`` are inverse permutations; ``token_of_row`` names each row's token.
+    """
+
+    tokens: int
+    k: int
+    token_of_row: Tensor
+    slot_of_row: Tensor
+    row_of_slot: Tensor
+
+
+def topk_layout(plan: DispatchPlan, token_index: Tensor, choice: Tensor, tokens: int,
+                k: int) -> TopkLayout:
+    """The layout of ``plan`` over top-k assignments ``token_index (A,)``, ``choice (A,)``
+    (as :class:`~leantorch.ops.moe.routing.Routing` holds them, in any priority order)."""
+    order = plan.order if plan.dropped == 0 else torch.cat([plan.order, plan.dropped_order])
+    token_of_row = token_index[order]
+    slot_of_row = token_of_row * k + choice[order]
+    row_of_slot = torch.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = torch.arange(slot_of_row.numel(), device=order.device)
+    return TopkLayout(tokens, k, token_of_row, slot_of_row, row_of_slot)
+
+
+def dispatch_topk(flat: Tensor, layout: TopkLayout) -> Tensor:
+    """Every assignment's token row in dispatch order: ``flat (tokens, dim)`` ->
+    ``(tokens * k, dim)``. Backward: a gather and a sum over each token's ``k`` rows."""
+    return _GatherTokens.apply(flat, layout.token_of_row, layout.row_of_slot, layout.k)
+
+
+def combine_topk(rows_out: Tensor, layout: TopkLayout, gates: Tensor) -> Tensor:
+    """``out[t] = sum_j gates[t, j] * rows_out[row of (t, j)]``: ``rows_out (tokens * k,
+    dim)`` in dispatch order (zero rows for dropped and zero-expert assignments), ``gates
+    (tokens, k)`` -> ``(tokens, dim)``.
+
+    The rows are permuted token-major and each token's ``k`` rows mixed by one batched
+    ``(1 x k) @ (k x dim)`` matmul: a gather instead of a multiply and a scatter-add, forward
+    and backward.
+    """
+    slots = _PermuteRows.apply(rows_out, layout.row_of_slot, layout.slot_of_row)
+    mixed = torch.bmm(gates.to(rows_out.dtype).unsqueeze(1),
+                      slots.view(layout.tokens, layout.k, -1))
+    return mixed.squeeze(1)
 
 
 def combine(
