@@ -147,6 +147,9 @@ def test_counted_macs_are_the_tiles_computed_and_causal_skips_above_the_diagonal
     assert causal.macs == _tile_macs(blocks * (blocks + 1) // 2, 2, block, block, d, d)
     assert 0.5 < causal.macs / full.macs < 0.6
     assert not full.uncounted and not causal.uncounted
+    # wide key tiles stop at each query block's last position instead of masking the rest
+    wide = count(Call(tiled_attention, causal=True, block_q=block, block_k=4 * block), q, k, v)
+    assert wide.macs == causal.macs
 
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "tiled", "naive"])

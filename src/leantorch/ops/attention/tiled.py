@@ -71,6 +71,15 @@ class _Masks:
         if key_padding_mask is not None:
             self.padding = (~key_padding_mask)[:, None, None, None, :]
 
+    def visible_keys(self, q0: int, q1: int) -> int:
+        """Keys any query of rows q0:q1 may see: with ``causal``, none after the last query's
+        position, so the key tiles of a query block stop there (the diagonal tile is cut
+        short instead of computed and masked)."""
+        if not self.causal:
+            return self.shapes.k_len
+        last = q1 - 1 + self.shapes.k_len - self.shapes.q_len
+        return max(0, min(self.shapes.k_len, last + 1))
+
     def tile_state(self, q0: int, q1: int, k0: int, k1: int) -> str:
         """"skip" (no pair of the tile is causally allowed), "full" or "partial"."""
         if not self.causal:
@@ -156,8 +165,9 @@ def _forward_block(queries: Tensor, keys_t: Tensor, values: Tensor, masks: _Mask
     acc = queries.new_zeros(rows_total, rows, values.shape[2])
     total = queries.new_zeros(rows_total, rows, 1)
     shift_known = False  # every row has a finite max
-    for k0 in range(0, keys_t.shape[2], block_k):
-        k1 = min(k0 + block_k, keys_t.shape[2])
+    visible = masks.visible_keys(q0, q1)
+    for k0 in range(0, visible, block_k):
+        k1 = min(k0 + block_k, visible)
         state = masks.tile_state(q0, q1, k0, k1)
         if state == "skip":
             continue
@@ -238,8 +248,9 @@ def _tiled_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         grad_out_ext[:, :, -1] = -delta[:, :, q0:q1].reshape(rows_total, rows)
         grad_out_rows = grad_out_ext[:, :, :-1]
         grad_q_rows = q.new_zeros(rows_total, rows, d)
-        for k0 in range(0, nk, block_k):
-            k1 = min(k0 + block_k, nk)
+        visible = masks.visible_keys(q0, q1)
+        for k0 in range(0, visible, block_k):
+            k1 = min(k0 + block_k, visible)
             state = masks.tile_state(q0, q1, k0, k1)
             if state == "skip":
                 continue
@@ -291,7 +302,8 @@ def tiled_attention(
     Equal to :func:`naive_attention` (values and gradients) without materialising the
     (q_len x k_len) scores: forward memory is one tile per (batch, KV head), and autograd saves
     q, k, v, out and a (batch, q_heads, q_len) logsumexp, O(n d); backward recomputes each tile.
-    With ``causal``, tiles above the diagonal are skipped (never computed, not counted).
+    With ``causal``, tiles above the diagonal are skipped (never computed, not counted) and the
+    key tiles of each query block stop at its last query's position.
     Grouped-query attention stacks the query heads of a KV head along the rows of each tile, so
     K and V are never repeated.
 
