@@ -128,23 +128,28 @@ def ops(chunk_size: int = CHUNK) -> dict[str, Callable[..., torch.Tensor]]:
 
 
 def run_curve(lengths: tuple[int, ...], warmup: int, rounds: int, rate: float) -> dict[str, Any]:
+    """Every (n, op) pair in one interleaved set of rounds, so that a co-tenant's burst costs one
+    round of each pair rather than every round of one n."""
+    probe_matmul_rate()
+    inputs = {length: tuple(make_inputs(length).values()) for length in lengths}
+    fns = {(length, name): (lambda fn=fn, args=inputs[length]: fn(*args))
+           for length in lengths for name, fn in ops().items()}
+    with torch.no_grad():
+        times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+        flops = {(length, name): count_flops(fn, *inputs[length])
+                 for length in lengths for name, fn in ops().items()}
     rows = []
     for length in lengths:
-        probe_matmul_rate()
-        inputs = tuple(make_inputs(length).values())
-        fns = {name: (lambda fn=fn, inputs=inputs: fn(*inputs)) for name, fn in ops().items()}
-        with torch.no_grad():
-            times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
-            flops = {name: count_flops(fn, *inputs) for name, fn in ops().items()}
-        stats = {name: summarize(samples) for name, samples in times.items()}
+        stats = {name: summarize(times[(length, name)]) for name in ops()}
         medians = {name: s["median_s"] for name, s in stats.items()}
+        counted = {name: flops[(length, name)] for name in ops()}
         row = {
             "n": length,
             "median_s": medians,
             "timings": stats,
-            "counted": flops,
-            "efficiency": {name: efficiency(flops[name]["flops"], medians[name], rate)
-                           for name in fns},
+            "counted": counted,
+            "efficiency": {name: efficiency(counted[name]["flops"], medians[name], rate)
+                           for name in ops()},
             "sdpa_over": {name: ratio(medians["sdpa_causal"], medians[name], 2)
                           for name in ("gla_chunk", "linear_elu_chunk")},
         }
@@ -152,7 +157,7 @@ def run_curve(lengths: tuple[int, ...], warmup: int, rounds: int, rate: float) -
         print(f"n={length:6d} " + " | ".join(
             f"{name} {medians[name] * 1e3:8.1f} ms ({row['efficiency'][name]['gflops_per_s']:6.1f}"
             f" GF/s, {row['efficiency'][name]['times_matmul_bound']:.2f}x bound)"
-            for name in fns) + f" | SDPA/GLA {row['sdpa_over']['gla_chunk']}x", flush=True)
+            for name in ops()) + f" | SDPA/GLA {row['sdpa_over']['gla_chunk']}x", flush=True)
     exponents = {
         name: round(fitted_exponent([r["n"] for r in rows], [r["median_s"][name] for r in rows]),
                     3)
@@ -388,7 +393,7 @@ def run_fla(length: int, warmup: int, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--skip-fla", action="store_true")
