@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from _common import (
     RESULTS_DIR,
@@ -198,6 +199,18 @@ def run_chunk_sizes(length: int, sizes: tuple[int, ...], warmup: int, rounds: in
     return {"n": length, "rows": rows, "fastest": best}
 
 
+class _CallCounter(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called (ops and views alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def run_anatomy(length: int, warmup: int, rounds: int, rate: float) -> dict[str, Any]:
     """Where GLA chunk mode's time goes: the same batched matmuls alone (chunk 64, the
     implementation's segments), the gate's elementwise passes alone, and the full op."""
@@ -229,11 +242,15 @@ def run_anatomy(length: int, warmup: int, rounds: int, rate: float) -> dict[str,
 
     fns = {"full": lambda: gated_linear_attention(q, k, v, g), "matmuls_only": matmuls,
            "gate_passes_only": gate_passes}
+    counter = _CallCounter()
+    with torch.no_grad(), counter:
+        gated_linear_attention(q, k, v, g)
     with torch.no_grad():
         times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     matmul_flops = 4 * 2 * batch_heads * length * CHUNK * HEAD_DIM * HEAD_DIM // CHUNK
     result = {"n": length, "segment_positions": segment, "median_s": medians,
+              "torch_calls": counter.calls,
               "matmul_flops": matmul_flops,
               "matmuls_only_times_matmul_bound": round(medians["matmuls_only"] / (
                   matmul_flops / rate), 3)}
@@ -369,7 +386,7 @@ def run_fla(length: int, warmup: int, rounds: int) -> dict[str, Any]:
                 theirs = fla_fn().transpose(1, 2)
                 result[f"linear_identity_{fla_name}_normalize={normalize}"] = {
                     "fla_function": f"fla.ops.linear_attn.naive.{fla_name}",
-                    "inputs": "q, k, v ~ N(0, 1)" if not normalize else "|q|, |k|, v",
+                    "inputs": "q, k, v ~ N(0, 1)" if not normalize else "abs(q), abs(k), v",
                     "max_abs_difference": float((ours_linear() - theirs).abs().max()),
                     "max_abs_output": float(theirs.abs().max()),
                     **time_pair(ours_linear, fla_fn, warmup, rounds),
@@ -439,6 +456,8 @@ def render_measured(payload: dict[str, Any]) -> str:
     anatomy = payload.get("anatomy")
     if anatomy:
         med = anatomy["median_s"]
+        calls = (f" and {anatomy['torch_calls']:,} eager torch calls (ops and views)"
+                 if "torch_calls" in anatomy else " and the eager op calls")
         lines += [
             "",
             f"Where the time goes (n = {anatomy['n']}): the four batched matmuls of the chunk "
@@ -447,8 +466,8 @@ def render_measured(payload: dict[str, Any]) -> str:
             f"gate's elementwise passes alone (cumulative sum, exponential, decayed q and k) "
             f"{med['gate_passes_only'] * 1e3:.1f} ms, the whole op {med['full'] * 1e3:.1f} ms; the "
             f"rest is the value copy, the causal mask, the per-chunk state recurrence, writing the "
-            f"output and about 2,000 eager op calls. Closing the gap to 4x needs fused kernels "
-            f"(one pass per chunk), which plain PyTorch on a CPU does not give us.",
+            f"output{calls}. Closing the gap to 4x would take fused kernels (one pass over each "
+            f"chunk), which eager PyTorch on a CPU does not give us.",
         ]
     sizes = payload.get("chunk_sizes")
     if sizes:
@@ -462,9 +481,18 @@ def render_measured(payload: dict[str, Any]) -> str:
             lines.append(f"| {chunk} | {gla['median_s'] * 1e3:.1f} ms | {gla['gflops_per_s']:.0f} "
                          f"| {gla['times_matmul_bound']:.1f} | {elu['median_s'] * 1e3:.1f} ms "
                          f"| {elu['times_matmul_bound']:.1f} |")
-        lines += ["", "Larger chunks do more matmul work (`n C (f + e)` inside chunks) and so look "
-                  "more efficient per FLOP while taking longer; smaller ones pay more per-chunk "
-                  "overhead. 64 (the default) is the fastest or within a few percent of it."]
+        fastest = sizes["fastest"]["gla_chunk"]
+        default = sizes["rows"].get(f"gla_chunk/{CHUNK}")
+        best = int(fastest.split("/")[1])
+        if best == CHUNK or default is None:
+            verdict = f"The fastest GLA chunk size here is {best}" + (
+                " (the default)." if best == CHUNK else ".")
+        else:
+            verdict = (f"The fastest GLA chunk size here is {best}; the default {CHUNK} takes "
+                       f"{default['median_s'] / sizes['rows'][fastest]['median_s']:.2f}x its time.")
+        lines += ["", "Larger chunks do more matmul work (`n C (f + e)` inside chunks), so they "
+                  "look more efficient per FLOP while taking longer; smaller ones pay more "
+                  "per-chunk overhead. " + verdict]
     modes = payload.get("modes")
     if modes:
         med = modes["median_s"]
@@ -478,7 +506,8 @@ def render_measured(payload: dict[str, Any]) -> str:
         lines += ["", "Decoding with `gla_step` (one token, state 8 x 64 x 64): " + ", ".join(
             f"{row['median_s'] * 1e6:.0f} µs/token after {length} tokens"
             for length, row in decode["per_token"].items())
-            + f" (ratio {decode['ratio_longest_to_shortest']}: flat in context length)."]
+            + f" (ratio {decode['ratio_longest_to_shortest']}: the cost does not grow with the "
+            "context)."]
     fla = payload.get("fla", {})
     if fla.get("available"):
         lines += ["", f"flash-linear-attention {fla['versions']['flash-linear-attention']} "
@@ -488,8 +517,8 @@ def render_measured(payload: dict[str, Any]) -> str:
                   "|---|---|---|"]
         for row in fla.values():
             if isinstance(row, dict) and "fla_function" in row:
-                lines.append(f"| `{row['fla_function']}`"
-                             f"{' (' + row['inputs'] + ')' if 'inputs' in row else ''} "
+                inputs = f" ({row['inputs']})".replace("|", "\\|") if "inputs" in row else ""
+                lines.append(f"| `{row['fla_function']}`{inputs} "
                              f"| {row['max_abs_difference']:.1e} ({row['max_abs_output']:.2g}) "
                              f"| {row['fla_over_ours']}x |")
         lines += ["", "Differences are float32 rounding (fla computes in float32 with its own "
