@@ -360,3 +360,11 @@ def test_loop_and_grouped_expert_mlp_agree_with_empty_experts(gated, bias) -> No
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     grad_w_in = results["loop", True][1]
     assert grad_w_in[1].abs().sum() == 0 and grad_w_in[3].abs().sum() == 0
+
+
+def test_unit_gates_stay_one_when_a_probability_underflows() -> None:
+    logits = torch.tensor([[0.0, -200.0, -300.0]], requires_grad=True)  # p = 1, 0, 0 in fp32
+    routing = topk_routing(logits, 2, gates="unit")
+    assert torch.equal(routing.gates, torch.ones(2))
+    routing.gates.sum().backward()
+    assert torch.isfinite(logits.grad).all()

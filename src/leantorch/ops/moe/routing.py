@@ -15,7 +15,7 @@ Scores and gates:
 * ``gates="probs"``: the chosen ``p`` as they are; ``"renorm"``: divided by their sum over the
   k chosen experts (Mixtral); ``"unit"``: exactly 1 (each chosen expert's output is added as is,
   what an exactly split dense FFN needs), with the gradient of ``p`` passed straight through
-  (``p / p.detach()``) so the router still learns.
+  (``1 + (p - p.detach())``) so the router still learns.
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ def topk_routing(
     if gates == "renorm":
         top = top / top.sum(dim=-1, keepdim=True)
     elif gates == "unit":
-        top = top / top.detach()  # exactly 1.0, gradient of p straight through
+        # exactly 1.0 with the gradient of p passed straight through; not p / p.detach(),
+        # which is 0 / 0 where a probability underflows
+        top = 1.0 + (top - top.detach())
     # choice-major flattening: every first choice (in token order), then every second choice...
     token_index = torch.arange(tokens, device=logits.device).repeat(k)
     choice = torch.arange(k, device=logits.device).repeat_interleave(tokens)
