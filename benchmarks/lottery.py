@@ -239,8 +239,8 @@ def plot(summaries: dict[str, list[dict[str, Any]]], path, rewind_step: int = 0)
             ax.legend(fontsize=8, loc="lower left")
     where = "their initial weights" if rewind_step == 0 else f"their weights at step {rewind_step}"
     fig.suptitle(f"Lottery tickets on sklearn digits: survivors rewound to {where} after every "
-                 "round (each round prunes 20% of every layer; 10% of convolutions and the output "
-                 "layer)", fontsize=10)
+                 "round\n(each round prunes 20% of every layer; 10% of convolutions and the "
+                 "output layer)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
