@@ -63,6 +63,15 @@ def test_yaml_text_files_and_shipped_recipes(tmp_path) -> None:
         assert load_recipe(name).to_dict()["name"] == name
 
 
+def test_a_shipped_recipe_by_its_file_name(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("prune-50.yaml") == load_recipe("prune-50")  # no such file here
+    (tmp_path / "prune-50.yaml").write_text("name: mine\nsteps:\n  - transform: quant.int8_dynamic\n")
+    assert load_recipe("prune-50.yaml").name == "mine"  # a local file wins
+    with pytest.raises(LeanError, match="does not exist"):
+        load_recipe("elsewhere/prune-50.yaml")
+
+
 def encoder() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),

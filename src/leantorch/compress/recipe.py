@@ -279,7 +279,10 @@ def load_recipe(name_or_path: str | os.PathLike[str] | Recipe | Mapping[str, Any
     if text in builtin_recipes():
         return Recipe.from_yaml(resources.files("leantorch.recipes").joinpath(
             f"{text}.yaml").read_text())
-    if Path(text).suffix in (".yaml", ".yml"):
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists() and path.parent == Path(".") and path.stem in builtin_recipes():
+            return load_recipe(path.stem)  # "prune-50.yaml" names the shipped file
         return Recipe.from_yaml(text)
     raise LeanError(f"unknown recipe {text!r}; shipped: {', '.join(builtin_recipes())}, or a "
                     "path to a .yaml file")
