@@ -116,6 +116,27 @@ def test_compress_writes_the_model_and_reports(tiny_bert, tmp_path, capsys) -> N
     assert [s["label"] for s in report["stages"]] == ["original", "lowrank.svd"]
 
 
+def test_compress_with_a_pruning_recipe_writes_a_model_that_reloads(tiny_bert, tmp_path,
+                                                                     capsys) -> None:
+    import leantorch
+
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(
+        "name: tiny-prune\ncalibration: {samples: 16, batch_size: 8, seq_len: 8}\n"
+        "steps:\n  - transform: prune.structured\n"
+        "    args: {ratio: 0.5, units: neurons, importance: l2}\n"
+        "task: embedding\ngates:\n  - {metric: cosine_mean, min: -1.0}\n")
+    out = tmp_path / "out"
+    code = main(["compress", str(tiny_bert), "--recipe", str(recipe), "--out", str(out),
+                 "--latency-runs", "0"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["stages"][0], report["stages"][1]
+    assert after["label"] == "prune.structured" and after["params"] < before["params"]
+    model = leantorch.load(out / "model.safetensors")
+    assert model.encoder.layer[0].intermediate.dense.out_features == 32  # 64 neurons halved
+
+
 def test_compress_gate_failure_writes_nothing(tiny_bert, tmp_path, capsys) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE % "1.5")  # cosine can never reach 1.5
