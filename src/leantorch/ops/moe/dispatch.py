@@ -293,6 +293,50 @@ class _LoopExpertMLP(torch.autograd.Function):
         return grad_rows, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
 
 
+# activations with an in-place form, for the inference loop (no autograd to save for)
+_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+}
+
+
+def _loop_inference(rows: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+                    b_out: Tensor | None, sizes: list[int], activation: str,
+                    gated: bool) -> Tensor:
+    """The loop without autograd: one pre-activation buffer sized for the largest expert,
+    reused by every expert (no per-expert allocation, nothing kept for a backward), and the
+    activation (and gate product) applied in place where the activation has an in-place form.
+    Same values as :class:`_LoopExpertMLP`'s forward."""
+    out = rows.new_empty(rows.shape[0], w_out.shape[2])
+    largest = max(sizes, default=0)
+    buffer = rows.new_empty(largest, w_in.shape[2]) if largest else None
+    inplace = _INPLACE.get(activation)
+    hidden_of = _hidden_fn(activation, gated)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        stop = start + n
+        h = buffer[:n]
+        if b_in is None:
+            torch.mm(rows[start:stop], w_in[e], out=h)
+        else:
+            torch.addmm(b_in[e], rows[start:stop], w_in[e], out=h)
+        if inplace is None:
+            a = hidden_of(h)
+        elif gated:
+            gate, up = h.chunk(2, dim=-1)
+            a = inplace(gate).mul_(up)  # a strided view of the buffer: BLAS takes its stride
+        else:
+            a = inplace(h)
+        if b_out is None:
+            torch.mm(a, w_out[e], out=out[start:stop])
+        else:
+            torch.addmm(b_out[e], a, w_out[e], out=out[start:stop])
+        start = stop
+    return out
+
+
 def _hidden_fn(activation: str, gated: bool) -> Callable[[Tensor], Tensor]:
     act = activation_fn(activation)
 
@@ -340,6 +384,9 @@ def expert_mlp(
                               "grouped_mm")
     activation_fn(activation)
     sizes = list(counts_list) if counts_list is not None else [int(c) for c in counts.tolist()]
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (rows, w_in, w_out, b_in, b_out)):
+        return _loop_inference(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
     return _LoopExpertMLP.apply(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
 
 
