@@ -11,6 +11,7 @@ final models are then timed against the fp32 original in one interleaved loop (s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from _common import (
+    RESULTS_DIR,
     error_text,
     interleaved_timings,
     machine_info,
@@ -84,11 +86,45 @@ def run_model(name: str, rounds: int) -> dict[str, Any]:
             "recipes": recipes, "timing": timing}
 
 
+def render_table(payload: dict[str, Any], model: str = "minilm") -> str:
+    """The README's recipe table (Markdown) for ``model``, from a results payload."""
+    entry = payload["models"][model]
+    lines = ["| recipe | params | weights | GFLOPs | speedup | mean cosine | min cosine "
+             "| retrieval agreement | gate |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    first = None
+    for name, recipe in entry["recipes"].items():
+        if "error" in recipe:
+            lines.append(f"| `{name}` | error: {recipe['error']} |||||||")
+            continue
+        first = first or recipe["stages"][0]
+        last = recipe["stages"][-1]
+        metrics = last["fidelity"]["metrics"]
+        gates = ", ".join(f"{g['metric']} >= {g['min']}" for g in recipe["recipe"]["gates"]
+                          if "min" in g)
+        lines.append(
+            f"| `{name}` | {last['params'] / 1e6:.1f}M | {last['param_bytes'] / 2**20:.1f} MiB | "
+            f"{last['flops'] / 1e9:.2f} | {entry['timing'][name]['speedup_vs_original']:.2f}x | "
+            f"{metrics['cosine_mean']:.4f} | {metrics['cosine_min']:.4f} | "
+            f"{metrics['retrieval_agreement']:.3f} | {gates} "
+            f"({'passed' if recipe['passed'] else 'FAILED'}) |")
+    if first is not None:
+        lines.insert(2, f"| original (fp32) | {first['params'] / 1e6:.1f}M | "
+                        f"{first['param_bytes'] / 2**20:.1f} MiB | {first['flops'] / 1e9:.2f} | "
+                        "1.00x | 1 | 1 | 1 | - |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", default=",".join(RECIPES))
+    parser.add_argument("--table", action="store_true",
+                        help="print the README table from benchmarks/results/recipes.json")
     args = parser.parse_args(argv)
+    if args.table:
+        print(render_table(json.loads((RESULTS_DIR / "recipes.json").read_text())))
+        return
     threads = setup_threads()
     start = time.perf_counter()
     payload: dict[str, Any] = {
@@ -112,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             fidelity = (stages[-1].get("fidelity") or {}).get("metrics", {})
             print(f"{name:10s} {recipe_name:14s} speedup {timing['speedup_vs_original']} "
                   f"weights {stages[-1].get('param_bytes')} fidelity {fidelity}")
+    print(render_table(payload))
     print(f"wrote {path} in {payload['script_seconds']} s")
 
 
