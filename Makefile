@@ -28,9 +28,13 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+## bench: every benchmark, one after the other (each writes benchmarks/results/<name>.json);
+## about an hour on a quiet 2-core machine
+BENCHMARKS := measure_overhead flop_counters quant recipes prune_structured sparse_matmul lottery \
+	attention_softmax linear_attention attention_decode moe moe_plusplus moe_expert_parallel
 bench: $(STAMP)
-	$(PY) benchmarks/measure_overhead.py
-	$(PY) benchmarks/flop_counters.py
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
+	$(PY) benchmarks/lottery.py --rewind-step 50
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
