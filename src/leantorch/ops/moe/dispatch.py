@@ -262,13 +262,20 @@ class _LoopExpertMLP(torch.autograd.Function):
         need_hidden = need_rows or need_w_in or need_b_in
         hidden_of = _hidden_fn(ctx.activation, ctx.gated)
         grad_rows = torch.empty_like(rows) if need_rows else None
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
-        grad_b_in = w_in.new_zeros(w_in.shape[0], w_in.shape[2]) if need_b_in else None
-        grad_b_out = w_out.new_zeros(w_out.shape[0], w_out.shape[2]) if need_b_out else None
+        # every expert that ran overwrites its slice (out=); only the idle ones need zeros, so
+        # the weight gradients are not written twice (at a small batch that second pass over
+        # every expert's weights was most of the backward)
+        grad_w_in = torch.empty_like(w_in) if need_w_in else None
+        grad_w_out = torch.empty_like(w_out) if need_w_out else None
+        grad_b_in = w_in.new_empty(w_in.shape[0], w_in.shape[2]) if need_b_in else None
+        grad_b_out = w_out.new_empty(w_out.shape[0], w_out.shape[2]) if need_b_out else None
+        sizes = list(ctx.sizes) + [0] * (w_in.shape[0] - len(ctx.sizes))
         start = 0
-        for e, n in enumerate(ctx.sizes):
+        for e, n in enumerate(sizes):
             if n == 0:
+                for g in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
+                    if g is not None:
+                        g[e].zero_()
                 continue
             stop = start + n
             g = grad[start:stop]
