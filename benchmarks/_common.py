@@ -112,6 +112,24 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+DOC_START, DOC_END = "<!-- measured:start -->", "<!-- measured:end -->"
+
+
+def write_doc_section(doc: Path, body: str) -> bool:
+    """Replace the measured section of ``doc`` (between ``DOC_START`` and ``DOC_END``) with
+    ``body``, atomically, leaving the rest of the file alone. Returns False (and says so) when
+    the file has no such section."""
+    text = doc.read_text()
+    if DOC_START not in text or DOC_END not in text:
+        print(f"{doc} has no {DOC_START} ... {DOC_END} section; not rewritten")
+        return False
+    head, rest = text.split(DOC_START, 1)
+    tail = rest.split(DOC_END, 1)[1]
+    atomic_write_text(doc, f"{head}{DOC_START}\n{body}\n{DOC_END}{tail}")
+    print(f"rewrote the measured section of {doc}")
+    return True
+
+
 def error_text(error: BaseException, limit: int = 500) -> str:
     """One line saying what went wrong, for a result file."""
     message = " ".join(str(error).split())

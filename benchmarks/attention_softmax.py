@@ -49,9 +49,9 @@ from _common import (
     ratio,
     setup_threads,
     summarize,
+    write_doc_section,
     write_results,
 )
-from leantorch.io import atomic_write_text
 from leantorch.measure import attention_pairs, calibrate, profile
 from leantorch.ops.attention import (
     attention,
@@ -414,7 +414,6 @@ def timed(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int,
 
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "attention_ops.md"
-DOC_START, DOC_END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 
 def _ms(seconds: float) -> str:
@@ -547,9 +546,7 @@ def render_measured(payload: dict[str, Any]) -> str:
 
 def write_doc(payload: dict[str, Any]) -> None:
     """Replace the measured section of docs/attention_ops.md (between the markers)."""
-    text = DOC.read_text()
-    start, end = text.index(DOC_START) + len(DOC_START), text.index(DOC_END)
-    atomic_write_text(DOC, text[:start] + "\n" + render_measured(payload) + "\n" + text[end:])
+    write_doc_section(DOC, render_measured(payload))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,9 +53,9 @@ from _common import (
     ratio,
     setup_threads,
     summarize,
+    write_doc_section,
     write_results,
 )
-from leantorch.io import atomic_write_text
 from leantorch.measure import calibrate, profile
 from leantorch.ops.linear_attn import (
     gated_linear_attention,
@@ -414,7 +414,6 @@ def run_fla(length: int, warmup: int, rounds: int) -> dict[str, Any]:
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "linear_attention.md"
-DOC_START, DOC_END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 
 def render_measured(payload: dict[str, Any]) -> str:
@@ -530,14 +529,7 @@ def render_measured(payload: dict[str, Any]) -> str:
 
 
 def write_doc(payload: dict[str, Any]) -> None:
-    text = DOC.read_text()
-    if DOC_START not in text or DOC_END not in text:
-        print(f"{DOC} has no {DOC_START} ... {DOC_END} section; not rewritten")
-        return
-    head, rest = text.split(DOC_START, 1)
-    tail = rest.split(DOC_END, 1)[1]
-    atomic_write_text(DOC, f"{head}{DOC_START}\n{render_measured(payload)}\n{DOC_END}{tail}")
-    print(f"rewrote the measured section of {DOC}")
+    write_doc_section(DOC, render_measured(payload))
 
 
 def main(argv: list[str] | None = None) -> None:

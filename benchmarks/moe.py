@@ -48,9 +48,9 @@ from _common import (
     ratio,
     setup_threads,
     summarize,
+    write_doc_section,
     write_results,
 )
-from leantorch.io import atomic_write_text
 from leantorch.nn.moe import from_mixtral
 from leantorch.ops.moe import grouped_mm_supported
 
@@ -174,7 +174,6 @@ def time_section(variants: dict[str, nn.Module], tokens: int, warmup: int, round
 # --- the measured section of docs/moe.md, rendered from the three MoE result files ----------
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "moe.md"
-DOC_START, DOC_END = "<!-- measured:start -->", "<!-- measured:end -->"
 RESULT_NAMES = ("moe", "moe_plusplus", "moe_expert_parallel")
 CPU_DEFAULT_BACKEND = "loop"  # what backend="auto" runs on a CPU (leantorch.ops.moe.expert_mlp)
 DENSE_TARGET = 0.85  # the issue's bar: at least 0.85x the dense SwiGLU FFN's tokens/s
@@ -565,14 +564,7 @@ def write_doc(results_dir: Path = RESULTS_DIR) -> None:
     """Re-render the measured section of docs/moe.md from the MoE result files."""
     results = {n: json.loads((results_dir / f"{n}.json").read_text()) for n in RESULT_NAMES
                if (results_dir / f"{n}.json").exists()}
-    text = DOC.read_text()
-    if DOC_START not in text or DOC_END not in text:
-        print(f"{DOC} has no {DOC_START} ... {DOC_END} section; not rewritten")
-        return
-    head, rest = text.split(DOC_START, 1)
-    tail = rest.split(DOC_END, 1)[1]
-    atomic_write_text(DOC, f"{head}{DOC_START}\n{render_measured(results)}\n{DOC_END}{tail}")
-    print(f"rewrote the measured section of {DOC}")
+    write_doc_section(DOC, render_measured(results))
 
 
 def main(argv: list[str] | None = None) -> None:

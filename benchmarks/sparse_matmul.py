@@ -54,13 +54,13 @@ from _common import (
     ratio,
     setup_threads,
     summarize,
+    write_doc_section,
     write_results,
 )
 from leantorch.compress.prune.block import prune_block
 from leantorch.compress.prune.masks import make_permanent, prune_magnitude
 from leantorch.compress.prune.nm import prune_nm
 from leantorch.compress.prune.sparse_exec import SparseLinear
-from leantorch.io import atomic_write_text
 
 SHAPES = [(768, 3072), (3072, 768)]  # (in_features, out_features): BERT-base FFN up, down
 ROWS = [1, 128, 1024]
@@ -233,8 +233,6 @@ def plot(cases: list[dict[str, Any]], path) -> None:
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sparsity.md"
-DOC_START, DOC_END = "<!-- measured:start -->", "<!-- measured:end -->"
-DOC_PLACEHOLDER = "SPARSE_MATMUL_RESULTS"  # the line the first rendering replaces
 # Every case of one (shape, rows) times the same dense layer, so its dense medians measure the
 # same thing; when they differ by more than this factor, the machine's noise is as large as
 # the speedups and no crossover is read from that group.
@@ -507,20 +505,8 @@ def _verdict(payload: dict[str, Any], groups: dict[tuple[int, int], dict[str, An
 
 
 def write_doc(payload: dict[str, Any]) -> None:
-    """Rewrite the measured section of docs/sparsity.md (between the markers, or in place of
-    the placeholder line the first time), leaving the rest of the file alone."""
-    text = DOC.read_text()
-    section = f"{DOC_START}\n{render_measured(payload)}\n{DOC_END}"
-    if DOC_START in text and DOC_END in text:
-        head, rest = text.split(DOC_START, 1)
-        text = head + section + rest.split(DOC_END, 1)[1]
-    elif f"\n{DOC_PLACEHOLDER}\n" in text:
-        text = text.replace(f"\n{DOC_PLACEHOLDER}\n", f"\n{section}\n", 1)
-    else:
-        print(f"{DOC} has neither {DOC_START} ... {DOC_END} nor {DOC_PLACEHOLDER}; not rewritten")
-        return
-    atomic_write_text(DOC, text)
-    print(f"rewrote the measured section of {DOC}")
+    """Rewrite the measured section of docs/sparsity.md, leaving the rest of the file alone."""
+    write_doc_section(DOC, render_measured(payload))
 
 
 def main(argv: list[str] | None = None) -> None:
