@@ -230,26 +230,9 @@ class _LoopExpertMLP(torch.autograd.Function):
     def forward(ctx: Any, rows: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
                 b_out: Tensor | None, sizes: list[int], activation: str,
                 gated: bool) -> Tensor:
-        hidden_of = _hidden_fn(activation, gated)
-        out = rows.new_empty(rows.shape[0], w_out.shape[2])
         save = any(ctx.needs_input_grad[:5])
         pre = rows.new_empty(rows.shape[0], w_in.shape[2]) if save else None
-        start = 0
-        for e, n in enumerate(sizes):
-            if n == 0:
-                continue  # an expert that received nothing runs nothing
-            stop = start + n
-            h = pre[start:stop] if save else None
-            if b_in is None:
-                h = torch.mm(rows[start:stop], w_in[e], out=h)
-            else:
-                h = torch.addmm(b_in[e], rows[start:stop], w_in[e], out=h)
-            a = hidden_of(h)
-            if b_out is None:
-                torch.mm(a, w_out[e], out=out[start:stop])
-            else:
-                torch.addmm(b_out[e], a, w_out[e], out=out[start:stop])
-            start = stop
+        out = _run_experts(rows, w_in, w_out, b_in, b_out, sizes, activation, gated, pre)
         ctx.sizes, ctx.activation, ctx.gated = list(sizes), activation, gated
         ctx.save_for_backward(rows, w_in, w_out, pre)
         return out
@@ -307,24 +290,27 @@ _INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _loop_inference(rows: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
-                    b_out: Tensor | None, sizes: list[int], activation: str,
-                    gated: bool) -> Tensor:
-    """The loop without autograd: one pre-activation buffer sized for the largest expert,
-    reused by every expert (no per-expert allocation, nothing kept for a backward), and the
-    activation (and gate product) applied in place where the activation has an in-place form.
-    Same values as :class:`_LoopExpertMLP`'s forward."""
+def _run_experts(rows: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+                 b_out: Tensor | None, sizes: list[int], activation: str, gated: bool,
+                 pre: Tensor | None = None) -> Tensor:
+    """Each expert whole on its rows, one after the other: ``(S, dim) -> (S, dim)``.
+
+    With ``pre`` (``(S, hidden or 2*hidden)``, for a backward) every expert's pre-activations
+    are written into its rows of ``pre`` and kept. Without it (inference) one buffer sized for
+    the busiest expert serves every expert and the activation (and the gate product) runs in
+    place where the activation has an in-place form: no per-expert allocation.
+    """
     out = rows.new_empty(rows.shape[0], w_out.shape[2])
     largest = max(sizes, default=0)
-    buffer = rows.new_empty(largest, w_in.shape[2]) if largest else None
-    inplace = _INPLACE.get(activation)
+    buffer = rows.new_empty(largest, w_in.shape[2]) if pre is None and largest else None
+    inplace = _INPLACE.get(activation) if pre is None else None
     hidden_of = _hidden_fn(activation, gated)
     start = 0
     for e, n in enumerate(sizes):
         if n == 0:
-            continue
+            continue  # an expert that received nothing runs nothing
         stop = start + n
-        h = buffer[:n]
+        h = buffer[:n] if pre is None else pre[start:stop]
         if b_in is None:
             torch.mm(rows[start:stop], w_in[e], out=h)
         else:
@@ -393,7 +379,7 @@ def expert_mlp(
     sizes = list(counts_list) if counts_list is not None else [int(c) for c in counts.tolist()]
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (rows, w_in, w_out, b_in, b_out)):
-        return _loop_inference(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
+        return _run_experts(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
     return _LoopExpertMLP.apply(rows, w_in, w_out, b_in, b_out, sizes, activation, gated)
 
 
