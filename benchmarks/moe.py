@@ -350,7 +350,7 @@ def _why_mixtral(shapes: dict[str, Any], tokens: int, phase: str, tps: dict[str,
                 f"{1e3 * (tokens / tps[default] - tokens / tps[fastest]):.1f} ms per call "
                 "between them is not FLOPs. A profile of one forward (torch.profiler, 16 "
                 "tokens) puts over 90% of both layers' time in the per-expert `aten::mm` calls "
-                "(8 up and 8 down projections over 2-4 rows each, i.e. reads of the weights), "
+                "(8 up and 8 down projections over about 4 rows each, i.e. reads of the weights), "
                 "and ours take about 20% longer there for the same calls; routing, sort and "
                 "gathers are under 5%. The cause inside the matmuls is not isolated.")
     text = (f" Why: at {tokens} tokens a training step is dominated by reading the hit "
