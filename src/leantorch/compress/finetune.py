@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantorch.compress.change import _as_call
-from leantorch.compress.verify import _primary
+from leantorch.compress.verify import primary_output
 from leantorch.errors import LeanError
 
 __all__ = ["LOSSES", "distill"]
@@ -65,8 +65,8 @@ def distill(
         for step, batch in zip(range(steps), itertools.cycle(batches), strict=False):
             args, kwargs = _as_call(batch)
             with torch.no_grad():
-                target = _primary(teacher(*args, **kwargs)).float()
-            output = _primary(student(*args, **kwargs)).float()
+                target = primary_output(teacher(*args, **kwargs)).float()
+            output = primary_output(student(*args, **kwargs)).float()
             value = _loss(loss, output, target)
             optimizer.zero_grad(set_to_none=True)
             value.backward()

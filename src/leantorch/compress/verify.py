@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from leantorch.compress.change import _as_call
 from leantorch.errors import LeanError, describe
@@ -98,21 +99,25 @@ class GateFailure(LeanError):
         super().__init__(f"verification failed{where}: " + "; ".join(failures))
 
 
-def _primary(output: Any) -> torch.Tensor:
-    """The tensor a model's output is about: itself, logits, last hidden state, or the first."""
+def primary_output(output: Any, who: str = "verify", hint: str = "") -> torch.Tensor:
+    """The tensor a model's output is about: the output itself, ``.logits``,
+    ``.last_hidden_state``, or the first floating-point tensor inside it (any nesting of
+    tuples, lists and dicts). ``who`` and ``hint`` go into the error when there is none."""
     if isinstance(output, torch.Tensor):
         return output
     for name in ("logits", "last_hidden_state"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
-    if isinstance(output, dict):
-        for value in output.values():
-            if isinstance(value, torch.Tensor):
+    for leaf in tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    if isinstance(output, dict | tuple | list):  # containers pytree does not know
+        for value in (output.values() if isinstance(output, dict) else output):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
                 return value
-    if isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise LeanError(f"verify: cannot find a tensor in the model output {describe(output)}")
+    raise LeanError(f"{who}: the model output {describe(output)} holds no floating-point "
+                    f"tensor{hint}")
 
 
 def _detect(output: Any) -> str:
@@ -163,7 +168,7 @@ def verify(
             a, b = original(*args, **kwargs), compressed(*args, **kwargs)
             if task == "auto":
                 task = _detect(a)
-            pairs.append((_primary(a).float(), _primary(b).float()))
+            pairs.append((primary_output(a).float(), primary_output(b).float()))
             batches.append(kwargs if kwargs else {"input_ids": args[0]} if args else {})
     finally:
         original.train(modes[0])

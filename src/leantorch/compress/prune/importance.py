@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from leantorch.compress.graph import DependencyGraph, Group, TensorSlice, default_inputs
+from leantorch.compress.verify import primary_output
 from leantorch.errors import LeanError
 
 __all__ = ["IMPORTANCES", "group_scores", "score_groups"]
@@ -101,23 +101,6 @@ def _random(groups: Sequence[Group], seed: int) -> dict[int, torch.Tensor]:
     return {g.id: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in groups}
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return output.logits
-    if hasattr(output, "last_hidden_state") and isinstance(output.last_hidden_state,
-                                                           torch.Tensor):
-        return output.last_hidden_state
-    for leaf in tree_flatten(output)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
-    if isinstance(output, dict | tuple | list):
-        for value in (output.values() if isinstance(output, dict) else output):
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-    raise LeanError("taylor importance: the model output holds no floating-point tensor; pass "
-                    "loss_fn(output, batch) -> scalar")
-
-
 def _taylor(model: nn.Module, groups: Sequence[Group], calibration: Sequence[Any],
             loss_fn: Callable[[Any, Any], torch.Tensor] | None, seed: int
             ) -> dict[int, torch.Tensor]:
@@ -144,7 +127,8 @@ def _taylor(model: nn.Module, groups: Sequence[Group], calibration: Sequence[Any
                 if loss_fn is not None:
                     loss = loss_fn(output, batch)
                 else:
-                    out = _first_tensor(output)
+                    out = primary_output(output, "taylor importance",
+                                         "; pass loss_fn(output, batch) -> scalar")
                     if projection is None or projection.shape != out.shape[-1:]:
                         projection = torch.randn(out.shape[-1], generator=generator,
                                                  dtype=out.dtype).to(out.device)

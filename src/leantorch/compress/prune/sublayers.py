@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from leantorch.compress.change import Change, apply_transform, replace_module
 from leantorch.compress.graph import Sublayer, build_graph, default_inputs
 from leantorch.compress.registry import register_transform
+from leantorch.compress.verify import primary_output
 from leantorch.errors import LeanError, describe
 from leantorch.serialize import register_module
 
@@ -67,21 +68,6 @@ class ZeroBranch(nn.Module):
         return f"returns={self.returns}, length={self.length}"
 
 
-def _primary(output: Any) -> torch.Tensor:
-    for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    for leaf in tree_flatten(output)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
-    if isinstance(output, dict | tuple | list):
-        for value in (output.values() if isinstance(output, dict) else output):
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-    raise LeanError("prune.sublayers: the model output holds no floating-point tensor")
-
-
 def _zero_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return torch.zeros_like(output)
@@ -97,7 +83,8 @@ def _run(model: nn.Module, calibration: Sequence[Any], zeroed: Sequence[str]) ->
         with torch.no_grad():
             for batch in calibration:
                 args, kwargs = default_inputs(model, batch)
-                outputs.append(_primary(model(*args, **kwargs)).detach().double())
+                outputs.append(primary_output(model(*args, **kwargs), "prune.sublayers")
+                               .detach().double())
         return outputs
     finally:
         for handle in handles:
