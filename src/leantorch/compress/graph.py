@@ -243,25 +243,15 @@ class _Dims:
 
 
 def _normalize(kind: str, parts: tuple[Term, ...]) -> Term:
-    if kind == "p":
-        flat: list[Term] = []
-        for p in parts:
-            if p[0] == "p":
-                flat.extend(p[1])
-            else:
-                flat.append(p)
-        if len(flat) == 1:
-            return flat[0]
-        return ("p", tuple(flat))
-    flat = []
+    """A ``kind`` term ("p" or "s") over ``parts``, nested terms of the same kind flattened;
+    a single part is itself."""
+    flat: list[Term] = []
     for p in parts:
-        if p[0] == "s":
+        if p[0] == kind:
             flat.extend(p[1])
         else:
             flat.append(p)
-    if len(flat) == 1:
-        return flat[0]
-    return ("s", tuple(flat))
+    return flat[0] if len(flat) == 1 else (kind, tuple(flat))
 
 
 def _factors(term: Term) -> list[Term]:

@@ -208,24 +208,15 @@ csr_linear.register_autograd(_csr_backward, setup_context=_setup)
 bsr_linear.register_autograd(_bsr_backward, setup_context=_setup)
 
 
-def _sparse_cost(call: Any, kept_weights: int) -> Cost:
-    rows = call.arg("x").shape[0]
-    out_features = call.arg("out_features")
-    macs = rows * kept_weights
-    bias_adds = rows * out_features if call.arg("bias") is not None else 0
-    return Cost(macs=macs, flops=2 * macs + bias_adds)
-
-
 @register_formula(torch.ops.leantorch.csr_linear)
-def _csr_cost(call: Any) -> Cost:
-    """Kept weights x rows MACs: what the CSR kernel multiplies."""
-    return _sparse_cost(call, call.arg("values").numel())
-
-
 @register_formula(torch.ops.leantorch.bsr_linear)
-def _bsr_cost(call: Any) -> Cost:
-    """Kept tiles x b^2 x rows MACs: a kept tile is multiplied whole, zeros inside included."""
-    return _sparse_cost(call, call.arg("values").numel())
+def _sparse_cost(call: Any) -> Cost:
+    """Stored values x rows MACs: the kept weights (CSR), or the kept tiles x b^2 (BSR: a kept
+    tile is multiplied whole, zeros inside included); plus the bias adds."""
+    rows = call.arg("x").shape[0]
+    macs = rows * call.arg("values").numel()
+    bias_adds = rows * call.arg("out_features") if call.arg("bias") is not None else 0
+    return Cost(macs=macs, flops=2 * macs + bias_adds)
 
 
 # --------------------------------------------------------------------------- module
