@@ -74,6 +74,33 @@ def _as_call(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (example_inputs,), {}
 
 
+
+def run_calibration(model: nn.Module, calibration: Sequence[Any],
+                    on_input: dict[str, Callable[[torch.Tensor], None]] | None = None,
+                    label: str = "calibrating") -> None:
+    """Run ``calibration`` (model inputs: tuples, dicts or tensors) through ``model`` in eval
+    mode without gradients, calling ``on_input[path](x)`` with the first input of the module
+    at each ``path`` as it runs. Hooks are removed and the train/eval mode restored afterwards,
+    also when the forward raises. ``label`` names the progress bar."""
+    from leantorch.compress.progress import track
+
+    handles = []
+    for path, fn in (on_input or {}).items():
+        def hook(_module: nn.Module, args: tuple[Any, ...], fn=fn) -> None:
+            fn(args[0].detach())
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in track(calibration, len(calibration), label):
+                args, kwargs = _as_call(batch)
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+
 @dataclass
 class Change:
     """What one transform did to a model.

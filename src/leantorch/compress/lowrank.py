@@ -26,12 +26,11 @@ from torch import nn
 
 from leantorch.compress.change import (
     Change,
-    _as_call,
     apply_transform,
     replace_module,
+    run_calibration,
     select_modules,
 )
-from leantorch.compress.progress import track
 from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError
 from leantorch.serialize import register_module
@@ -140,28 +139,15 @@ def _collect_grams(model: nn.Module, paths: Sequence[str],
     """X^T X / n of the inputs of each Linear at ``paths`` over the calibration batches."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(paths, 0)
-    handles = []
 
-    def hook(path: str):
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    def accumulate(path: str):
+        def fn(x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).double()
             sums[path] = sums.get(path, 0) + x.T @ x
             counts[path] += x.shape[0]
         return fn
 
-    for path in paths:
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in track(calibration, len(calibration), "calibrating"):
-                args, kwargs = _as_call(batch)
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    run_calibration(model, calibration, {p: accumulate(p) for p in paths})
     return {p: sums[p] / counts[p] for p in paths if counts[p]}
 
 

@@ -45,10 +45,10 @@ from torch import Tensor, nn
 
 from leantorch.compress.change import (
     Change,
-    _as_call,
     _patterns,
     apply_transform,
     replace_module,
+    run_calibration,
 )
 from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError, describe
@@ -388,30 +388,16 @@ def _collect_inputs(model: nn.Module, paths: Sequence[str], calibration: Sequenc
     (the first ``max_tokens`` tokens)."""
     seen: dict[str, list[Tensor]] = {p: [] for p in paths}
     counts = dict.fromkeys(paths, 0)
-    handles = []
 
-    def hook(path: str):
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if counts[path] >= max_tokens:
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1])[: max_tokens - counts[path]]
-            seen[path].append(x)
-            counts[path] += x.shape[0]
+    def keep(path: str):
+        def fn(x: Tensor) -> None:
+            if counts[path] < max_tokens:
+                x = x.reshape(-1, x.shape[-1])[: max_tokens - counts[path]]
+                seen[path].append(x)
+                counts[path] += x.shape[0]
         return fn
 
-    for path in paths:
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in calibration:
-                args, kwargs = _as_call(batch)
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    run_calibration(model, calibration, {p: keep(p) for p in paths})
     return {p: torch.cat(v) for p, v in seen.items() if v}
 
 

@@ -32,9 +32,9 @@ from torch.nn.utils import parametrize
 
 from leantorch.compress.change import (
     Change,
-    _as_call,
     apply_transform,
     replace_module,
+    run_calibration,
     select_modules,
 )
 from leantorch.compress.quant.modules import (
@@ -275,13 +275,6 @@ def int4_weight(
         layer_problem=_group_problem(4, group_size))
 
 
-def _run_inputs(model: nn.Module, batches: Sequence[Any]) -> None:
-    with torch.no_grad():
-        for batch in batches:
-            args, kwargs = _as_call(batch)
-            model(*args, **kwargs)
-
-
 @register_transform("quant.llm_int8")
 def llm_int8(
     model: nn.Module,
@@ -318,7 +311,7 @@ def llm_int8(
                 "no calibration or example inputs: read LLMInt8Linear.int8_fraction after "
                 "running data through the model")
             return
-        _run_inputs(target, batches)
+        run_calibration(target, batches)
         seen = sum(m.columns_seen for m in layers.values())
         outliers = sum(m.outlier_columns_seen for m in layers.values())
         change.details["int8_fraction"] = (1.0 - outliers / seen) if seen else None
