@@ -348,8 +348,8 @@ def _why_mixtral(shapes: dict[str, Any], tokens: int, phase: str, tps: dict[str,
     if phase == "forward":
         return (f" Why: at {tokens} tokens every variant reads the same expert weights, so the "
                 f"{1e3 * (tokens / tps[default] - tokens / tps[fastest]):.1f} ms per call "
-                "between them is not FLOPs. A profile of one forward (torch.profiler, 16 "
-                "tokens) puts over 90% of both layers' time in the per-expert `aten::mm` calls "
+                "between them is not FLOPs. One torch.profiler run of a 16-token forward, "
+                "taken by hand (not part of this benchmark), puts over 90% of both layers' time in the per-expert `aten::mm` calls "
                 "(8 up and 8 down projections over about 4 rows each, i.e. reads of the weights), "
                 "and ours take about 20% longer there for the same calls; routing, sort and "
                 "gathers are under 5%. The cause inside the matmuls is not isolated.")
