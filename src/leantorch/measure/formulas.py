@@ -291,14 +291,22 @@ _ELEMENTWISE: dict[int, tuple[str, ...]] = {
         "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "where", "masked_fill",
         "threshold", "clamp_min", "clamp_max", "copysign", "isnan", "isinf", "isfinite",
         "nan_to_num", "threshold_backward", "heaviside", "bernoulli", "xlogy", "angle",
+        # inverse hyperbolics, unit conversions and special functions: one transcendental each
+        "acosh", "asinh", "atanh", "deg2rad", "rad2deg", "lgamma", "digamma", "polygamma", "i0",
+        "igamma", "igammac", "nextafter", "gcd", "lcm", "conj_physical",
+        "bitwise_left_shift", "bitwise_right_shift", "__lshift__", "__rshift__", "__ilshift__",
+        "__irshift__",
     ),
-    # clamp to [min, max] (hardtanh, relu6); leaky_relu: compare + multiply
-    2: ("hardtanh", "relu6", "leaky_relu", "hypot", "hardtanh_backward", "leaky_relu_backward"),
+    # clamp to [min, max] (hardtanh, relu6); leaky_relu and rrelu: compare + multiply;
+    # ldexp = x * 2^e; _add_relu = add + relu
+    2: ("hardtanh", "relu6", "leaky_relu", "hypot", "hardtanh_backward", "leaky_relu_backward",
+        "rrelu_with_noise", "ldexp", "_add_relu"),
     # sigmoid = exp, add, divide; softplus = exp, add, log; elu = exp, sub, mul (and compare);
-    # addcmul/addcdiv/lerp = multiply/divide, scale, add; tanh/sigmoid backward = 3 ops.
+    # addcmul/addcdiv/lerp = multiply/divide, scale, add; tanh/sigmoid backward = 3 ops;
+    # sinc = sin(pi x) / (pi x): multiply, sine, divide.
     3: (
         "sigmoid", "softplus", "elu", "celu", "addcmul", "addcdiv", "lerp", "logit",
-        "sigmoid_backward", "tanh_backward", "log_sigmoid_forward",
+        "sigmoid_backward", "tanh_backward", "log_sigmoid_forward", "sinc",
     ),
     4: ("silu", "hardsigmoid", "selu"),  # silu = sigmoid (3) + multiply
     5: ("hardswish", "mish"),  # x * relu6(x + 3) / 6; x * tanh(softplus(x))
@@ -338,7 +346,14 @@ def _mask_scale(call: OpCall) -> Cost:
     return Cost(2 * call.output.numel())  # native_dropout_backward: grad * mask * scale
 
 
+def _mvlgamma(call: OpCall) -> Cost:
+    # log of the multivariate gamma: a constant plus the sum over i < p of lgamma(x - i/2);
+    # each of the p terms is a subtract, an lgamma and an add, per output element
+    return Cost(3 * int(call.arg("p", 1)) * call.output.numel())
+
+
 _register_many(("gelu",), _gelu)
+_register_many(("mvlgamma",), _mvlgamma)
 _register_many(("gelu_backward",), _gelu_backward)
 _register_many(("clamp",), _clamp)
 _register_many(("native_dropout",), _dropout)
@@ -407,6 +422,8 @@ def _softmax_backward(call: OpCall) -> Cost:
 _register_many(("_softmax", "_log_softmax", "_safe_softmax", "softmax", "log_softmax"),
                _softmax)
 _register_many(("_softmax_backward_data", "_log_softmax_backward_data"), _softmax_backward)
+# masked softmax: the mask costs one select per element, as a masked score does in attention
+_register_many(("_masked_softmax",), _elementwise(SOFTMAX_FLOPS_PER_ELEMENT + 1))
 
 NORM_FLOPS_PER_ELEMENT = 5  # mean, subtract, square, sum (variance), multiply by 1/std
 
@@ -443,6 +460,15 @@ def _norm_backward(call: OpCall) -> Cost:
     return Cost(per * grad.numel())
 
 
+def _renorm(call: OpCall) -> Cost:
+    """renorm(x, p, dim, maxnorm): each slice along ``dim`` is scaled down to norm ``maxnorm``:
+    its norm (power + sum = 2 per element, a root and a compare per slice), then a multiply."""
+    x = call.arg("self")
+    slices = x.shape[int(call.arg("dim"))] if x.dim() else 1
+    return Cost(3 * x.numel() + 2 * slices)
+
+
+_register_many(("renorm",), _renorm)
 _register_many(("native_layer_norm", "native_group_norm"), _layer_norm)
 _register_many(("_fused_rms_norm",), _rms_norm)
 _register_many(("native_batch_norm", "_native_batch_norm_legit",
@@ -716,6 +742,127 @@ _register_many(("_flash_attention_backward", "_efficient_attention_backward"),
                _sdpa(backward=True, layout="bshd"))
 
 
+# --------------------------------------------------------------------------- fused modules
+def multi_head_attention_cost(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    embed_dim: int,
+    num_heads: int,
+    masked: bool = False,
+    need_weights: bool = False,
+    average_weights: bool = True,
+) -> Cost:
+    """Cost of ``aten._native_multi_head_attention``: nn.MultiheadAttention's inference fast path,
+    one kernel that runs the in-projection, attention and out-projection unfused.
+
+    query (B, T, D), key and value (B, S, D); H heads of size d = D / H. The kernel computes:
+
+    * in-projection: q (B*T x D x D), k and v (B*S x D x D each) MACs, + 1 bias add per element
+      of q, k and v, + 1 multiply per element of q (the 1/sqrt(d) scale is applied to q);
+    * scores QK^T and context PV: B*H*T*S*d MACs each; softmax 5 per score, + 1 with a mask;
+    * out-projection: B*T x D x D MACs, + 1 bias add per output element;
+    * with ``need_weights`` and ``average_weights``: the mean over heads, 1 per score.
+
+    This equals what the same module costs on its decomposed path with ``need_weights=True``
+    (linear, scale, bmm, softmax, bmm, linear, mean).
+    """
+    d = embed_dim // num_heads
+    scores = batch * num_heads * q_len * k_len
+    q_rows, k_rows = batch * q_len, batch * k_len
+    projection = (2 * q_rows + 2 * k_rows) * embed_dim * embed_dim
+    macs = projection + 2 * scores * d
+    # q: bias and scale, k and v: bias, output: bias
+    other = (3 * q_rows + 2 * k_rows) * embed_dim
+    other += (SOFTMAX_FLOPS_PER_ELEMENT + int(masked)) * scores
+    if need_weights and average_weights:
+        other += scores  # sum over heads ((H - 1) adds per (b, t, s)), then one divide
+    return Cost(2 * macs + other, macs=macs)
+
+
+def _native_multi_head_attention(call: OpCall) -> Cost:
+    # The CPU kernel always takes the unfused path counted here. (The CUDA kernel may call fused
+    # SDPA for self-attention without a mask or weights: the same MACs, its scale per score.)
+    query, key = call.arg("query"), call.arg("key")
+    embed_dim, heads = int(call.arg("embed_dim")), int(call.arg("num_head"))
+    if query.dim() != 3 or key.dim() != 3:
+        raise LeanError(f"_native_multi_head_attention: expected (batch, seq, embed_dim) query "
+                        f"and key, got {tuple(query.shape)} and {tuple(key.shape)}")
+    return multi_head_attention_cost(
+        query.shape[0], query.shape[1], key.shape[1], embed_dim, heads,
+        masked=call.arg("mask") is not None,
+        need_weights=bool(call.arg("need_weights", True)),
+        average_weights=bool(call.arg("average_attn_weights", True)),
+    )
+
+
+_register_many(("_native_multi_head_attention",), _native_multi_head_attention)
+
+# Recurrent cells: FLOPs per hidden unit per (time step, sequence) besides the matmuls, without
+# biases. One bias add per gate row per bias vector (b_ih and b_hh) comes on top: 2 * gates.
+# Forward, LSTM: the two gate matmuls are summed (4 adds), 3 sigmoids (3 each), tanh of the cell
+# gate and of the new cell (1 each), c' = f*c + i*g (2 multiplies, 1 add), h' = o*tanh(c')
+# (1 multiply): 4 + 9 + 2 + 4 = 19. This is what the decomposed cell (RNN.cpp's LSTMCell, run
+# when oneDNN is off) costs op by op, so both paths count the same.
+LSTM_FORWARD_FLOPS_PER_UNIT = 19
+# Backward, LSTM: dh = output grad + recurrent grad (1); through h' = o*tanh(c'): do, dtanh (2),
+# tanh backward (3), dc += (1); through c' = f*c + i*g: di, dg, df, dc_prev (4); the gates'
+# activation backwards: 3 sigmoid + 1 tanh at 3 each (12). 1 + 6 + 4 + 12 = 23. Bias gradients
+# add one accumulate per gate row per bias vector, as in forward.
+LSTM_BACKWARD_FLOPS_PER_UNIT = 23
+LSTM_GATES = 4
+
+
+def lstm_layer_cost(
+    tokens: int,
+    input_size: int,
+    hidden_size: int,
+    has_biases: bool = True,
+    backward: bool = False,
+) -> Cost:
+    """Cost of one LSTM layer in one direction over ``tokens`` (time steps x sequences).
+
+    Per token: the input matmul (4H x I) and the hidden matmul (4H x H) MACs, plus
+    ``LSTM_FORWARD_FLOPS_PER_UNIT`` per hidden unit (+8 with biases). Backward computes the input,
+    hidden-state and both weight gradients: twice the forward MACs, plus
+    ``LSTM_BACKWARD_FLOPS_PER_UNIT`` per hidden unit (+8 with biases).
+    """
+    macs = tokens * LSTM_GATES * hidden_size * (input_size + hidden_size)
+    per_unit = LSTM_BACKWARD_FLOPS_PER_UNIT if backward else LSTM_FORWARD_FLOPS_PER_UNIT
+    per_unit += 2 * LSTM_GATES * int(has_biases)
+    if backward:
+        macs *= 2
+    return Cost(2 * macs + per_unit * tokens * hidden_size, macs=macs)
+
+
+def _mkldnn_lstm_layer(backward: bool) -> Formula:
+    """oneDNN's LSTM layer (``aten.mkldnn_rnn_layer`` and its backward): torch's CPU LSTM for
+    float32 / bfloat16 inputs without ``proj_size`` or packed sequences, one call per layer and
+    direction, in eval and in training alike. The input is (T, B, I) or packed (sum of batch
+    sizes, I): either way ``numel / I`` tokens go through the cell."""
+    first_weight = "weight1" if backward else "weight0"
+
+    def formula(call: OpCall) -> Cost:
+        x, w_ih = call.arg("input"), call.arg(first_weight)
+        hidden = int(call.arg("hidden_size"))
+        if w_ih.shape[0] != LSTM_GATES * hidden:
+            raise LeanError(
+                f"{call.name}: expected an LSTM input weight of {LSTM_GATES} * hidden_size = "
+                f"{LSTM_GATES * hidden} rows, got {tuple(w_ih.shape)} (oneDNN's RNN layer in "
+                "torch runs LSTMs only)"
+            )
+        input_size = w_ih.shape[1]
+        tokens = x.numel() // input_size if input_size else 0
+        return lstm_layer_cost(tokens, input_size, hidden, bool(call.arg("has_biases", True)),
+                               backward=backward)
+
+    return formula
+
+
+_register_many(("mkldnn_rnn_layer",), _mkldnn_lstm_layer(backward=False))
+_register_many(("mkldnn_rnn_layer_backward",), _mkldnn_lstm_layer(backward=True))
+
+
 # --------------------------------------------------------------------------- lookups & pooling
 def _gather_rows(call: OpCall) -> Cost:
     """Embedding / index_select / gather: reads the indices and only the selected elements."""
@@ -737,6 +884,25 @@ def _index_put(call: OpCall) -> Cost:
     values = call.arg("values")
     accumulate = bool(call.arg("accumulate", False))
     return Cost(values.numel() if accumulate and call.is_floating() else 0)
+
+
+def _put(call: OpCall) -> Cost:
+    """put_(self, index, source, accumulate): writes (or adds) one element per source element."""
+    source = call.arg("source")
+    adds = source.numel() if bool(call.arg("accumulate", False)) and call.is_floating() else 0
+    moved = tensor_bytes(source) + tensor_bytes(call.arg("index"))
+    return Cost(adds, bytes_read=moved, bytes_written=tensor_bytes(source))
+
+
+def _embedding_renorm(call: OpCall) -> Cost:
+    """embedding_renorm_(weight, indices, max_norm, norm_type): renormalises only the rows that
+    ``indices`` looks up (each once): a norm (2 per element + a root), a compare, a scale."""
+    weight, indices = call.arg("self"), call.arg("indices")
+    rows = int(torch.unique(indices).numel())
+    row_elements = rows * (weight.numel() // max(weight.shape[0], 1))
+    row_bytes = row_elements * weight.element_size()
+    return Cost(3 * row_elements + 2 * rows, bytes_read=tensor_bytes(indices) + row_bytes,
+                bytes_written=row_bytes)
 
 
 def _max_pool(call: OpCall) -> Cost:
@@ -769,6 +935,8 @@ _register_many(("embedding", "index_select", "gather", "index", "_unsafe_index",
 _register_many(("embedding_dense_backward", "scatter_add", "index_add", "scatter_reduce",
                 "_embedding_bag", "embedding_bag", "index_reduce"), _scatter_add)
 _register_many(("index_put", "_index_put_impl", "_unsafe_index_put"), _index_put)
+_register_many(("put",), _put)
+_register_many(("embedding_renorm",), _embedding_renorm)
 _register_many(("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
                 "max_pool3d_with_indices", "_max_pool2d", "mkldnn_max_pool2d"), _max_pool)
 _register_many(("avg_pool1d", "avg_pool2d", "avg_pool3d"), _avg_pool)
@@ -816,14 +984,21 @@ _register_many((
     "masked_fill_backward", "_assert_tensor_metadata", "resize_as", "_reshape_copy",
     "native_channel_shuffle", "channel_shuffle", "select_backward", "slice_backward",
     "diagonal_backward", "index_select_backward", "as_strided_backward", "unsqueeze_backward",
+    "cauchy", "geometric", "log_normal", "_philox_normal", "_philox_uniform",
+    "_fill_mem_eff_dropout_mask",
 ), _data_movement)
 _register_many(("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-                "empty_permuted", "resize"), _allocation)
+                "empty_permuted", "resize", "_resize_output"), _allocation)
 # Views and metadata: the output is the input's memory; nothing is computed or moved.
 _register_many(("_unsafe_view", "_reshape_alias", "lift_fresh", "lift", "detach", "alias",
                 "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_assert_async",
                 "_functional_assert_async", "set", "record_stream", "_nested_tensor_size",
                 "_has_compatible_shallow_copy_type", "is_same_size", "_version"), _no_work)
+# In-place views change a tensor's sizes and strides, not its data; their schema marks the
+# argument written (Tensor(a!)), so `is_view` cannot see them. The `unsafe_` splits return views
+# whose schema hides the alias (autograd does not track them as views). Nothing moves.
+_register_many(("transpose_", "t_", "as_strided_", "unsqueeze_", "squeeze_", "unsafe_split",
+                "unsafe_split_with_sizes"), _no_work)
 
 
 def _item(call: OpCall) -> Cost:
