@@ -427,6 +427,13 @@ def test_special_functions_and_rare_in_place_ops() -> None:
     assert report.ops["aten.put_"]["flops"] == 3
     report = count(Fn(lambda v: torch.renorm(v, 2, 0, 1.0)), x)
     assert report.flops == 3 * 12 + 2 * 3
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[:, -1] = True
+    report = count(Fn(lambda v: torch._masked_softmax(v, mask, 1)), x)
+    assert report.flops == 6 * 12  # softmax 5 + the mask 1, per element
+    z = torch.randn(3, 4, dtype=torch.complex64)
+    assert count(Fn(lambda v: v.clone().conj_physical_()), z).flops == 12
+    assert count(Fn(lambda v: v.clone().conj_physical_()), x).flops == 0  # real: a copy
 
 
 def test_embedding_with_max_norm_renormalises_only_the_rows_it_looks_up() -> None:

@@ -293,7 +293,7 @@ _ELEMENTWISE: dict[int, tuple[str, ...]] = {
         "nan_to_num", "threshold_backward", "heaviside", "bernoulli", "xlogy", "angle",
         # inverse hyperbolics, unit conversions and special functions: one transcendental each
         "acosh", "asinh", "atanh", "deg2rad", "rad2deg", "lgamma", "digamma", "polygamma", "i0",
-        "igamma", "igammac", "nextafter", "gcd", "lcm", "conj_physical",
+        "igamma", "igammac", "nextafter", "gcd", "lcm",
         "bitwise_left_shift", "bitwise_right_shift", "__lshift__", "__rshift__", "__ilshift__",
         "__irshift__",
     ),
@@ -346,6 +346,11 @@ def _mask_scale(call: OpCall) -> Cost:
     return Cost(2 * call.output.numel())  # native_dropout_backward: grad * mask * scale
 
 
+def _conj_physical(call: OpCall) -> Cost:
+    # complex: negate each imaginary part; real: a copy
+    return Cost(call.output.numel() if call.output.is_complex() else 0)
+
+
 def _mvlgamma(call: OpCall) -> Cost:
     # log of the multivariate gamma: a constant plus the sum over i < p of lgamma(x - i/2);
     # each of the p terms is a subtract, an lgamma and an add, per output element
@@ -354,6 +359,7 @@ def _mvlgamma(call: OpCall) -> Cost:
 
 _register_many(("gelu",), _gelu)
 _register_many(("mvlgamma",), _mvlgamma)
+_register_many(("conj_physical",), _conj_physical)
 _register_many(("gelu_backward",), _gelu_backward)
 _register_many(("clamp",), _clamp)
 _register_many(("native_dropout",), _dropout)
