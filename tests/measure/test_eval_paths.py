@@ -148,8 +148,9 @@ def test_mha_unaveraged_weights_cost_no_mean() -> None:
     assert report.ops[MHA_OP]["flops"] == mha_hand_count(b, t, dim, heads, False, False)[1]
 
 
-def test_mha_op_called_directly_with_a_longer_key() -> None:
-    """The kernel also takes a separate key/value sequence (cross-attention) of another length."""
+def test_mha_op_called_directly_for_cross_attention() -> None:
+    """The kernel also takes a key/value tensor other than the query (cross-attention; torch
+    requires the same shape), projecting q from the query and k, v from the key."""
     b, t, s, dim, heads = 2, 3, 3, 8, 2
     mha = nn.MultiheadAttention(dim, heads, batch_first=True)
     q, kv = torch.randn(b, t, dim), torch.randn(b, s, dim)

@@ -762,7 +762,8 @@ def multi_head_attention_cost(
     """Cost of ``aten._native_multi_head_attention``: nn.MultiheadAttention's inference fast path,
     one kernel that runs the in-projection, attention and out-projection unfused.
 
-    query (B, T, D), key and value (B, S, D); H heads of size d = D / H. The kernel computes:
+    query (B, T, D), key and value (B, S, D) (torch's kernel requires S = T; the formula keeps
+    them apart); H heads of size d = D / H. The kernel computes:
 
     * in-projection: q (B*T x D x D), k and v (B*S x D x D each) MACs, + 1 bias add per element
       of q, k and v, + 1 multiply per element of q (the 1/sqrt(d) scale is applied to q);
