@@ -158,6 +158,17 @@ def test_backward_costs_per_module() -> None:
         report.module(p).backward.flops for p in ("0", "1", "2"))
 
 
+def test_backward_through_a_leaf_input_that_requires_grad() -> None:
+    # a leaf input with requires_grad=True used to crash autograd.grad (a gradient hook on a leaf)
+    model = mlp()
+    x = torch.randn(5, 16, requires_grad=True)
+    report = count(model, x, backward=True)
+    # now the first Linear also computes its input gradient: 5*32*16 MACs more
+    assert report.module("0").backward.macs == 2 * 5 * 16 * 32
+    assert report.module("2").backward.macs == 2 * 5 * 32 * 8
+    assert x.grad is None
+
+
 def test_backward_leaves_grad_attributes_alone() -> None:
     model = mlp()
     model[0].weight.grad = torch.full_like(model[0].weight, 3.0)

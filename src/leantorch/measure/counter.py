@@ -138,7 +138,10 @@ class ModuleTracker:
         self.stack.append(path)
         self.calls[path] += 1
         if self.track_backward and torch.is_grad_enabled():
-            tensors = self._grad_tensors(args)
+            # leaves are left out: autograd.grad cannot hook them (torch refuses a leaf in
+            # _will_engine_execute_node). A module fed only by leaves then stays active until
+            # the next module's backward starts, which is where its own backward ends anyway.
+            tensors = [t for t in self._grad_tensors(args) if t.grad_fn is not None]
             if tensors:
                 self._grad_handles.append(register_multi_grad_hook(
                     tensors, functools.partial(self._bw_exit, path)))
