@@ -101,3 +101,26 @@ def test_yaml_errors_are_one_line_with_line_and_column(text: str, where: str, tm
     assert "\n" not in message and "<unicode string>" not in message
     with pytest.raises(LeanError, match=r"^recipe text: not valid YAML at line"):
         Recipe.from_yaml(text)
+
+
+def test_a_recipe_built_in_python_is_checked_before_any_step_runs() -> None:
+    import torch
+
+    from leantorch.compress.recipe import Step, run_recipe
+    from leantorch.compress.verify import Gate
+
+    class Untouchable(torch.nn.Linear):
+        def forward(self, x):
+            raise AssertionError("the model must not run")
+
+    model = Untouchable(4, 4)
+    batch = (torch.randn(2, 4),)
+    bad_step = Recipe("t", (Step("lowrank.svd", {"energy": [0.5]}),))
+    with pytest.raises(LeanError, match=r"argument 'energy' must be a number or null"):
+        run_recipe(bad_step, model, calibration=[batch], evaluation=[batch],
+                   example_inputs=batch, latency_runs=0)
+    bad_gate = Recipe("t", (Step("lowrank.svd", {"rank": 1}),),
+                      gates=(Gate("cosine_mean", min="high"),))
+    with pytest.raises(LeanError, match=r"recipe.gates\[0\] \(cosine_mean\): min must be a "):
+        run_recipe(bad_gate, model, calibration=[batch], evaluation=[batch],
+                   example_inputs=batch, latency_runs=0)

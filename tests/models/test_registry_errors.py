@@ -66,7 +66,8 @@ def test_memory_check_counts_bytes_before_allocating(monkeypatch) -> None:
     monkeypatch.setattr(registry, "available_memory", lambda: 1000)
     check_fits_memory("x", (10, 25), torch.float32)  # 1000 bytes: exactly fits
     with pytest.raises(LeanError, match=r"^x needs 2.79e-06 GiB but only 9.31e-07 GiB"):
-        check_fits_memory("x", (10, 25), torch.float64)  # 250 x (8 + 4: made as float32 first) = 3000 B
+        # 250 x (8 + 4: made as float32 first) = 3000 B
+        check_fits_memory("x", (10, 25), torch.float64)
     with pytest.raises(LeanError, match="needs"):
         check_fits_memory("x", (1001,), torch.bool)  # 1 + 4 bytes each
     check_fits_memory("x", (125,), torch.int64)  # int64 is generated directly: 8 bytes each

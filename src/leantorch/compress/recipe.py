@@ -571,6 +571,13 @@ def run_recipe(
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    # a Recipe built in Python skipped from_dict's checks: run them before any step does work
+    for index, step in enumerate(recipe.steps):
+        if step.finetune is None:
+            step.check(f"recipe.steps[{index}]")
+    for index, gate in enumerate(recipe.gates):
+        for key in ("min", "max"):
+            _number(f"recipe.gates[{index}] ({gate.metric})", key, getattr(gate, key))
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
                     progress, source)
