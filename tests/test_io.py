@@ -141,3 +141,14 @@ def test_read_text_file_refuses_binary_files(tmp_path) -> None:
     latin.write_bytes(b"caf\xe9")
     with pytest.raises(LeanError, match="byte 3 is not UTF-8"):
         io.read_text_file(latin, "--data l.txt")
+
+
+@pytest.mark.parametrize("target", [".", "..", "~"])
+def test_check_output_dir_never_replaces_the_working_or_home_folder(target, tmp_path,
+                                                                    monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(LeanError, match="is the current folder, one above it, or the home"):
+        io.check_output_dir(os.path.expanduser(target), overwrite=True)
+    assert work.is_dir()

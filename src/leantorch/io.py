@@ -57,6 +57,12 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False,
     """
     path = Path(path)
     where = f"{name} {str(path)!r}"
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved in (cwd, *cwd.parents) or resolved == Path.home().resolve():
+        # replacing these would move the shell's own folder (or the home folder) aside
+        raise LeanError(f"{where} is the current folder, one above it, or the home folder; "
+                        "give a new folder to write into")
     if path.is_symlink() and not path.exists():
         raise LeanError(f"{where} is a broken symbolic link; give a folder path")
     if path.exists():
