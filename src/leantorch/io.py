@@ -69,8 +69,9 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False,
         if not path.is_dir():
             raise LeanError(f"{where} is an existing file, not a folder; give a folder path")
         if not overwrite and any(path.iterdir()):
-            raise LeanError(f"{where} already exists and is not empty; pass --overwrite "
-                            "(overwrite=True) to replace it, or choose another folder")
+            flag = "--overwrite" if name.startswith("--") else "overwrite=True (--overwrite)"
+            raise LeanError(f"{where} already exists and is not empty; pass {flag} to replace "
+                            "it, or choose another folder")
     existing = path.parent
     while not existing.exists() and not existing.is_symlink():
         existing = existing.parent
@@ -132,7 +133,7 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
             path.rmdir()
         elif not overwrite:
             raise LeanError(f"output folder {str(path)!r} appeared while working and is not "
-                            "empty; pass --overwrite (overwrite=True) to replace it")
+                            "empty; pass overwrite=True (--overwrite) to replace it")
         else:
             aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(path, aside)
