@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 ## demo: the main job: compress the embedded pretrained MiniLM sentence encoder with the
 ## default recipe (int8) on the bundled sentences, verify it, print the before/after table
 demo: $(STAMP)
-	$(VENV)/bin/leantorch compress minilm --recipe int8 --out out/minilm-int8
+	$(VENV)/bin/leantorch compress minilm --recipe int8 --out out/minilm-int8 --overwrite
 
 ## test: the test suite (what CI runs)
 test: $(STAMP)

@@ -4,12 +4,16 @@
                             [--backward] [--train] [--runs N] [--warmup N] [--threads T]
                             [--device cpu|cuda] [--device-spec auto|measure|none|NAME]
                             [--no-latency]
-    leantorch compress MODEL --recipe RECIPE [--data FILE] [--out DIR] [--seq-len N]
-                             [--threads T] [--latency-runs N] [--json]
+    leantorch compress MODEL --recipe RECIPE [--data FILE] [--out DIR] [--overwrite]
+                             [--seq-len N] [--threads T] [--latency-runs N] [--json]
     leantorch models
     leantorch recipes
 
-Errors in what the user typed end the command with one line on stderr and exit status 2.
+Errors in what the user typed end the command with one line on stderr
+(``leantorch: error: ...``) and exit status 2; everything that can be checked without the model
+(recipe, data file, output folder, shapes) is checked before the model loads. Ctrl-C prints
+``leantorch: interrupted`` and exits with 130. ``compress`` builds its output folder in a
+temporary sibling and renames it into place, so the folder is complete or absent.
 """
 
 from __future__ import annotations
@@ -63,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", metavar="FILE",
                    help="calibration and evaluation texts, one per line (default: the bundled "
                    "sentences)")
-    c.add_argument("--out", metavar="DIR", help="output folder (default out/MODEL-RECIPE)")
+    c.add_argument("--out", metavar="DIR", help="output folder (default out/MODEL-RECIPE); "
+                   "written complete or not at all")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists and is not empty (default: refuse)")
     c.add_argument("--seq-len", type=int, metavar="N", help="override the recipe's seq_len")
     c.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's)")
     c.add_argument("--latency-runs", type=int, default=10, metavar="N",
@@ -81,6 +88,7 @@ def _profile(args: argparse.Namespace) -> int:
     from leantorch.measure import profile
     from leantorch.measure.roofline import DATASHEETS
     from leantorch.models import load_model
+    from leantorch.models.registry import parse_shape
 
     if args.depth < 0:
         raise LeanError(f"--depth must be >= 0, got {args.depth}")
@@ -95,6 +103,20 @@ def _profile(args: argparse.Namespace) -> int:
                         ) from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LeanError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "meta":
+        # the meta device runs no kernels: a latency or a measured peak would be made up
+        if not args.no_latency:
+            raise LeanError("--device meta runs no kernels, so a latency would be meaningless; "
+                            "add --no-latency to count FLOPs, params and bytes only")
+        if spec is not None and spec.lower() in ("auto", "measure"):
+            raise LeanError(f"--device-spec {args.device_spec} measures the device, which "
+                            "means nothing on --device meta; use --device-spec none or a "
+                            f"datasheet name ({', '.join(sorted(DATASHEETS))})")
+    if not args.no_latency and (args.runs < 1 or args.warmup < 0):
+        raise LeanError(f"--runs must be >= 1 and --warmup >= 0, got --runs {args.runs} "
+                        f"--warmup {args.warmup}")
+    for shape in args.shapes or ():
+        parse_shape(shape)  # a malformed or impossible shape fails before the model loads
     loaded = load_model(args.model)
     inputs, kwargs = loaded.example_inputs(batch=args.batch, seq_len=args.seq_len,
                                            shapes=args.shapes)
@@ -127,7 +149,9 @@ def _compress(args: argparse.Namespace) -> int:
     from leantorch.compress.recipe import load_recipe, run_recipe
     from leantorch.compress.verify import GateFailure
     from leantorch.data import sentences, split
+    from leantorch.io import check_output_dir, read_text_file
     from leantorch.models import load_model
+    from leantorch.models.registry import model_label
 
     recipe = load_recipe(args.recipe)
     if args.seq_len is not None:
@@ -142,14 +166,20 @@ def _compress(args: argparse.Namespace) -> int:
         raise LeanError(f"--latency-runs must be >= 0, got {args.latency_runs}")
     if args.data:
         path = Path(args.data)
-        if not path.is_file():
+        if not path.exists():
             raise LeanError(f"--data {args.data!r}: no such file")
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not path.is_file():
+            raise LeanError(f"--data {args.data!r} is not a regular file")
+        text = read_text_file(path, f"--data {args.data!r}")
+        texts = [line.strip() for line in text.splitlines() if line.strip()]
         if len(texts) < 4:
             raise LeanError(f"--data {args.data!r} has {len(texts)} non-empty lines; at least 4 "
                             "are needed (calibration and held-out evaluation)")
     else:
         texts = sentences()
+    # the output folder is checked now, not after minutes of work
+    out = Path(args.out or f"out/{model_label(args.model)}-{recipe.name}")
+    check_output_dir(out, overwrite=args.overwrite, name="--out")
     loaded = load_model(args.model)
     cal = recipe.calibration
     calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
@@ -169,8 +199,7 @@ def _compress(args: argparse.Namespace) -> int:
         _print_stages(error.result, args.json)
         print(f"leantorch: {error}; nothing was written", file=sys.stderr)
         return 1
-    out = Path(args.out or f"out/{loaded.name}-{recipe.name}")
-    paths = result.write(out)
+    paths = result.write(out, overwrite=args.overwrite)
     _print_stages(result, args.json)
     if not args.json:
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -233,6 +262,15 @@ def _models() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        # whatever was being written lives in a temporary folder that is already removed
+        print("leantorch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "profile":
             return _profile(args)

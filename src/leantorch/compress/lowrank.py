@@ -88,15 +88,15 @@ def choose_rank(
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise LeanError(f"lowrank: rank must be a positive integer, got {rank!r}")
         return min(rank, full)
+    for name, value in (("energy", energy), ("param_ratio", param_ratio)):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and 0 < value <= 1):
+            raise LeanError(f"lowrank: {name} must be in (0, 1] (a number), got {value!r}")
     if energy is not None:
-        if not 0 < energy <= 1:
-            raise LeanError(f"lowrank: energy must be in (0, 1], got {energy!r}")
         squares = singular_values.double() ** 2
         kept = torch.cumsum(squares, 0) / squares.sum().clamp_min(1e-300)
         # smallest r with kept[r-1] >= energy (a tiny slack absorbs float rounding at 1.0)
         return int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1
-    if not 0 < param_ratio <= 1:
-        raise LeanError(f"lowrank: param_ratio must be in (0, 1], got {param_ratio!r}")
     return max(1, math.floor(param_ratio * in_features * out_features /
                              (in_features + out_features)))
 
@@ -151,7 +151,13 @@ def _collect_grams(model: nn.Module, paths: Sequence[str],
     return {p: sums[p] / counts[p] for p in paths if counts[p]}
 
 
-@register_transform("lowrank.svd")
+def _check_arguments(*, rank: int | None = None, energy: float | None = None,
+                     param_ratio: float | None = None, **_: Any) -> None:
+    """What a recipe step can check without the model: one valid way to choose the rank."""
+    choose_rank(torch.ones(1), 1, 1, rank=rank, energy=energy, param_ratio=param_ratio)
+
+
+@register_transform("lowrank.svd", check=_check_arguments)
 def lowrank(
     model: nn.Module,
     *,
@@ -177,7 +183,7 @@ def lowrank(
         raise LeanError("lowrank: activation_aware=True needs calibration data (a list of model "
                         "inputs)")
     # check the arguments before copying the model
-    choose_rank(torch.ones(1), 1, 1, rank=rank, energy=energy, param_ratio=param_ratio)
+    _check_arguments(rank=rank, energy=energy, param_ratio=param_ratio)
 
     def edit(target: nn.Module, change: Change) -> None:
         chosen = [(p, m) for p, m in select_modules(target, nn.Linear, include, exclude)

@@ -31,11 +31,17 @@ def track(items: Iterable[T], total: int | None, label: str) -> Iterator[T]:
         yield from items
         return
     total = total or 0
-    for done, item in enumerate(items, start=1):
-        yield item
-        if total:
-            bar = "#" * (20 * done // total)
-            print(f"\r  {label} [{bar:<20}] {done}/{total}", end="", file=sys.stderr,
-                  flush=True)
-    if total:
-        print(file=sys.stderr, flush=True)
+    drawn = False
+    try:
+        for done, item in enumerate(items, start=1):
+            yield item
+            if total:
+                bar = "#" * (20 * done // total)
+                print(f"\r  {label} [{bar:<20}] {done}/{total}", end="", file=sys.stderr,
+                      flush=True)
+                drawn = True
+    finally:
+        # end the bar's line even when the loop stops early (an error, Ctrl-C), so the
+        # message that follows starts on a line of its own
+        if drawn:
+            print(file=sys.stderr, flush=True)

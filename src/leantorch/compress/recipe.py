@@ -24,9 +24,13 @@ reports, atomically, only for a result that passed.
 
 from __future__ import annotations
 
+import collections.abc
 import copy
+import inspect
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -39,10 +43,10 @@ from torch import nn
 from leantorch.compress.change import Change, _as_call
 from leantorch.compress.finetune import LOSSES, distill
 from leantorch.compress.progress import showing
-from leantorch.compress.registry import accepts, get_transform
+from leantorch.compress.registry import accepts, argument_check, get_transform
 from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
 from leantorch.errors import LeanError, describe
-from leantorch.io import atomic_write_text
+from leantorch.io import atomic_directory, atomic_write_text, read_text_file
 
 __all__ = [
     "Calibration",
@@ -87,6 +91,23 @@ def _float(where: str, key: str, value: Any, low: float, high: float,
     if not ok:
         bracket = ("(" if open_low else "[") + f"{low}, {high}" + (")" if open_high else "]")
         raise LeanError(f"{where}.{key} must be a number in {bracket}, got {value!r}")
+    return float(value)
+
+
+def _yaml_problem(error: Exception) -> str:
+    """One line for a PyYAML error: where (1-based line and column) and what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"not valid YAML: {problem}"
+    return f"not valid YAML at line {mark.line + 1} column {mark.column + 1}: {problem}"
+
+
+def _number(where: str, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise LeanError(f"{where}: {key} must be a number, got {describe(value)}")
     return float(value)
 
 
@@ -174,21 +195,110 @@ class Step:
         return {"transform": self.transform, "args": dict(self.args)}
 
     def check(self, where: str) -> None:
+        """Check the step before any work runs: the transform exists, every argument is one it
+        takes, each value has the type its annotation declares, and the transform's registered
+        argument check (ranges, combinations) passes. Errors name ``where``, the transform, the
+        argument, the value and what is accepted."""
         try:
             fn = get_transform(self.transform)
         except LeanError as error:
             raise LeanError(f"{where}: {error}") from error
-        import inspect
-
+        label = f"{where} ({self.transform})"
         parameters = inspect.signature(fn).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return
-        accepted = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-                    and n not in ("inplace", "calibration", "example_inputs")]
-        for key in self.args:
-            if key not in accepted:
-                raise LeanError(f"{where} ({self.transform}): unknown argument {key!r}; "
-                                f"accepted: {', '.join(accepted)}")
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            accepted = [n for n, p in parameters.items()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY
+                        and n not in ("inplace", "calibration", "example_inputs")]
+            for key in self.args:
+                if key not in accepted:
+                    raise LeanError(f"{label}: unknown argument {key!r}; "
+                                    f"accepted: {', '.join(accepted)}")
+        for key in ("inplace", "calibration", "example_inputs"):
+            if key in self.args:
+                raise LeanError(f"{label}: argument {key!r} is set by the recipe runner, not "
+                                "by a step")
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # an annotation that does not resolve: leave types to the transform
+            hints = {}
+        for key, value in self.args.items():
+            hint = hints.get(key)
+            if hint is not None and not _conforms(value, hint):
+                raise LeanError(f"{label}: argument {key!r} must be {_hint_text(hint)}, got "
+                                f"{describe(value)}")
+        check = argument_check(self.transform)
+        if check is not None:
+            try:
+                check(**self.args)
+            except LeanError as error:
+                raise LeanError(f"{label}: {error}") from error
+
+
+_UNION_TYPES = (typing.Union, types.UnionType)
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as parsed from YAML, or given in Python) fits the annotation ``hint``.
+    Annotations this does not understand accept anything (the transform still checks)."""
+    if hint is Any or hint is object:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNION_TYPES:
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence, collections.abc.Sequence):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            return False
+        return not args or all(_conforms(k, args[0]) and _conforms(v, args[1])
+                               for k, v in value.items())
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _hint_text(hint: Any) -> str:
+    """An annotation in words, for error messages: ``float | None`` -> "a number or null"."""
+    if hint is None or hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNION_TYPES:
+        parts = [_hint_text(a) for a in args]
+        return " or ".join(dict.fromkeys(parts))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in simple:
+        return simple[hint]
+    if origin in (list, tuple, Sequence, collections.abc.Sequence):
+        item = args[0] if args else Any
+        return f"a list of {_PLURALS.get(item, 'values')}"
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        key, value = args if args else (Any, Any)
+        return (f"a mapping of {_PLURALS.get(key, 'values')} to "
+                f"{_PLURALS.get(value, 'values')}")
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return "a Python callable (not expressible in YAML)"
+    return getattr(hint, "__name__", str(hint))
 
 
 @dataclass(frozen=True)
@@ -217,7 +327,17 @@ class Recipe:
         parsed_gates = []
         for i, gate in enumerate(gates):
             g = _keys(f"recipe.gates[{i}]", gate, ("metric", "min", "max"), ("metric",))
-            parsed_gates.append(Gate(g["metric"], g.get("min"), g.get("max")))
+            if not isinstance(g["metric"], str):
+                raise LeanError(f"recipe.gates[{i}]: metric must be a metric name, got "
+                                f"{describe(g['metric'])}")
+            where = f"recipe.gates[{i}] ({g['metric']})"
+            try:
+                parsed_gates.append(Gate(g["metric"], _number(where, "min", g.get("min")),
+                                         _number(where, "max", g.get("max"))))
+            except LeanError as error:
+                if str(error).startswith(where):
+                    raise
+                raise LeanError(f"recipe.gates[{i}]: {error}") from error
         task = d.get("task", "auto")
         if task not in TASKS:
             raise LeanError(f"recipe.task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -240,14 +360,18 @@ class Recipe:
             raise LeanError("YAML recipes need PyYAML: pip install 'leantorch[cli]'") from error
         text = str(text_or_path)
         path = Path(text)
+        source = "recipe text"
         if "\n" not in text and path.suffix in (".yaml", ".yml"):
-            if not path.is_file():
+            if not path.exists():
                 raise LeanError(f"recipe file {text!r} does not exist")
-            text = path.read_text()
+            if not path.is_file():
+                raise LeanError(f"recipe file {text!r} is not a regular file")
+            source = f"recipe file {text!r}"
+            text = read_text_file(path, source, "a text/YAML file")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise LeanError(f"recipe is not valid YAML: {error}") from error
+            raise LeanError(f"{source}: {_yaml_problem(error)}") from error
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,21 +497,29 @@ class RecipeResult:
                      " (FAILED: " + "; ".join(self.failures) + ")")]
         return "\n".join(lines) + "\n"
 
-    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Save ``model.safetensors``, ``report.json`` and ``report.md`` into ``out_dir``
-        (atomically). Refuses a result whose gates failed: nothing is written."""
+    def write(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+              ) -> dict[str, Path]:
+        """Save ``model.safetensors``, ``report.json`` and ``report.md`` into ``out_dir``.
+
+        The three files are written into a temporary sibling folder that is then renamed to
+        ``out_dir``, so the folder is complete or absent, never partial. An existing non-empty
+        ``out_dir`` is refused unless ``overwrite``. Refuses a result whose gates failed:
+        nothing is written."""
         if not self.passed:
             raise LeanError("refusing to write a model whose verification gates failed: "
                             + "; ".join(self.failures))
         from leantorch.serialize import save
 
         out = Path(out_dir)
-        paths = {"model": save(self.model, out / "model.safetensors",
-                               metadata={"recipe": self.recipe.name, "source": self.source})}
-        paths["report_json"] = atomic_write_text(out / "report.json",
-                                                 json.dumps(self.to_dict(), indent=2) + "\n")
-        paths["report_md"] = atomic_write_text(out / "report.md", self.markdown())
-        return paths
+        names = {"model": "model.safetensors", "report_json": "report.json",
+                 "report_md": "report.md"}
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            save(self.model, tmp / names["model"],
+                 metadata={"recipe": self.recipe.name, "source": self.source})
+            atomic_write_text(tmp / names["report_json"],
+                              json.dumps(self.to_dict(), indent=2) + "\n")
+            atomic_write_text(tmp / names["report_md"], self.markdown())
+        return {key: out / name for key, name in names.items()}
 
 
 def _measure(label: str, model: nn.Module, example_inputs: Any, latency_runs: int,
@@ -439,6 +571,13 @@ def run_recipe(
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    # a Recipe built in Python skipped from_dict's checks: run them before any step does work
+    for index, step in enumerate(recipe.steps):
+        if step.finetune is None:
+            step.check(f"recipe.steps[{index}]")
+    for index, gate in enumerate(recipe.gates):
+        for key in ("min", "max"):
+            _number(f"recipe.gates[{index}] ({gate.metric})", key, getattr(gate, key))
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
                     progress, source)

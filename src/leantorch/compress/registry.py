@@ -4,6 +4,10 @@ A registered transform is a function ``fn(model, *, inplace=False, example_input
 calibration=None, **args) -> (new_model, Change)``. ``calibration`` is a list of model inputs
 (each a tuple of positional inputs or a dict of keyword inputs) for transforms that look at
 activations; a transform that does not need it may leave the argument out of its signature.
+
+Recipes check a step's arguments before any work runs: names against the signature, types
+against its annotations, and values with the optional ``check`` a transform registers (a
+function of the arguments, without the model, that raises :class:`LeanError`).
 """
 
 from __future__ import annotations
@@ -15,23 +19,30 @@ from typing import Any
 
 from leantorch.errors import LeanError
 
-__all__ = ["get_transform", "register_transform", "transform_names"]
+__all__ = ["argument_check", "get_transform", "register_transform", "transform_names"]
 
 Transform = Callable[..., Any]
 _TRANSFORMS: dict[str, Transform] = {}
+_CHECKS: dict[str, Callable[..., None]] = {}
 # modules that register transforms when imported; imported lazily on first lookup
 _PROVIDERS = ("leantorch.compress.quant", "leantorch.compress.lowrank",
               "leantorch.compress.prune", "leantorch.compress.moefy")
 
 
-def register_transform(name: str, fn: Transform | None = None) -> Any:
-    """Register ``fn`` under ``name`` (e.g. ``"quant.int8_dynamic"``); usable as a decorator."""
+def register_transform(name: str, fn: Transform | None = None, *,
+                       check: Callable[..., None] | None = None) -> Any:
+    """Register ``fn`` under ``name`` (e.g. ``"quant.int8_dynamic"``); usable as a decorator.
+
+    ``check(**args)``, when given, validates a step's arguments (ranges, combinations) without
+    a model, so a recipe fails at load time rather than after the model loaded."""
 
     def register(f: Transform) -> Transform:
         parameters = inspect.signature(f).parameters
         if "inplace" not in parameters:
             raise LeanError(f"register_transform({name!r}): {f.__name__} must take inplace=")
         _TRANSFORMS[name] = f
+        if check is not None:
+            _CHECKS[name] = check
         return f
 
     return register if fn is None else register(fn)
@@ -53,6 +64,12 @@ def get_transform(name: str) -> Transform:
     if name not in _TRANSFORMS:
         raise LeanError(f"unknown transform {name!r}; known: {', '.join(transform_names())}")
     return _TRANSFORMS[name]
+
+
+def argument_check(name: str) -> Callable[..., None] | None:
+    """The argument check registered with transform ``name``, if any."""
+    get_transform(name)
+    return _CHECKS.get(name)
 
 
 def transform_names() -> list[str]:

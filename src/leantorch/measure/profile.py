@@ -98,6 +98,11 @@ def profile(
         raise LeanError(f"profile: threads must be a positive integer or None, got {threads!r}")
 
     device = _model_device(model, args, kwargs)
+    if device.type == "meta" and (latency or (isinstance(device_spec, str) and
+                                              device_spec.lower() in ("auto", "measure"))):
+        # meta tensors run no kernels: a time or a measured peak would be made up
+        raise LeanError("profile: a model on the meta device can be counted but not timed; "
+                        "pass latency=False and device_spec=None (or a datasheet name)")
     params = _unique(model.parameters())
     buffers = _unique(model.buffers())
     input_tensors = _tensors((args, kwargs))

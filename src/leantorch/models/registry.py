@@ -8,6 +8,8 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -23,7 +25,10 @@ from leantorch.errors import LeanError, UnknownModelError, describe
 __all__ = [
     "BUILTINS",
     "LoadedModel",
+    "available_memory",
+    "check_fits_memory",
     "load_model",
+    "model_label",
     "parse_shape",
 ]
 
@@ -87,6 +92,8 @@ class LoadedModel:
                 raise LeanError(f"--input does not apply to {self.name}, a text model: its "
                                 "inputs are token ids; use --seq-len N")
             length = self.default_seq_len if seq_len is None else _positive("seq_len", seq_len)
+            check_fits_memory(f"token ids of batch {batch} x seq_len {length}",
+                              (batch, length), torch.int64, copies=2)  # ids and mask
             ids = torch.randint(0, self.vocab_size, (batch, length), generator=generator)
             return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if seq_len is not None:
@@ -96,6 +103,7 @@ class LoadedModel:
             return tuple(_random_input(parse_shape(s), batch, generator) for s in shapes), {}
         if self.kind == "vision":
             shape = (batch, *self.image_shape)
+            check_fits_memory(f"images of batch {batch}", shape, torch.float32)
             return (torch.randn(shape, generator=generator),), {}
         if self.example is not None:
             return self.example, {}
@@ -114,6 +122,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
            "half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
            "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
            "bool": torch.bool}
+_MAX_ELEMENTS = 2**63 - 1
 _SHAPE = re.compile(r"^\s*(\d+(?:\s*[x,]\s*\d+)*)\s*(?::\s*([a-z0-9]+))?\s*$")
 
 
@@ -132,6 +141,10 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     sizes = tuple(int(s) for s in re.split(r"\s*[x,]\s*", match.group(1)))
     if any(s == 0 for s in sizes):
         raise LeanError(f"input shape {text!r} has a zero size; every size must be >= 1")
+    # torch sizes are int64: a larger one would overflow inside torch, not fail cleanly
+    if math.prod(sizes) > _MAX_ELEMENTS:
+        raise LeanError(f"input shape {text!r} has {math.prod(sizes):.3g} elements; at most "
+                        f"2^63 - 1 fit a tensor (and far fewer fit memory)")
     dtype_name = match.group(2) or "float32"
     if dtype_name not in _DTYPES:
         raise LeanError(f"input shape {text!r}: unknown dtype {dtype_name!r}; accepted: "
@@ -139,10 +152,49 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     return sizes, _DTYPES[dtype_name]
 
 
+def _shape_text(sizes: Sequence[int], dtype: torch.dtype) -> str:
+    return "x".join(map(str, sizes)) + f":{str(dtype).removeprefix('torch.')}"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: ``MemAvailable`` from /proc/meminfo on
+    Linux, else the physical memory size; None when neither can be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_memory(what: str, shape: Sequence[int], dtype: torch.dtype,
+                      copies: int = 1) -> None:
+    """Refuse, before allocating, a tensor of ``shape`` (``copies`` of it) that does not fit the
+    available memory, naming ``what`` and the size in GiB."""
+    numel = math.prod(shape)
+    if numel > _MAX_ELEMENTS:
+        raise LeanError(f"{what} has {numel:.3g} elements; at most 2^63 - 1 fit a tensor")
+    # a bool or non-float32 floating tensor is generated as float32 first, then converted
+    via_float32 = dtype == torch.bool or (dtype.is_floating_point and dtype != torch.float32)
+    itemsize = dtype.itemsize + (4 if via_float32 else 0)
+    needed = numel * itemsize * copies
+    available = available_memory()
+    if available is not None and needed > available:
+        raise LeanError(f"{what} needs {needed / 2**30:.3g} GiB but only "
+                        f"{available / 2**30:.3g} GiB of memory is available; use a smaller "
+                        "shape or batch")
+
+
 def _random_input(parsed: tuple[tuple[int, ...], torch.dtype], batch: int,
                   generator: torch.Generator) -> torch.Tensor:
     sizes, dtype = parsed
     shape = (batch, *sizes)
+    check_fits_memory(f"input {_shape_text(sizes, dtype)} with batch {batch}", shape, dtype)
     if dtype == torch.bool:
         return torch.rand(shape, generator=generator) > 0.5
     if dtype.is_floating_point:
@@ -276,7 +328,7 @@ def _from_factory(reference: str) -> LoadedModel:
     except Exception as error:
         sys.modules.pop(module_name, None)
         raise UnknownModelError(f"importing {file_part!r} failed: {type(error).__name__}: "
-                                f"{error}") from error
+                                f"{_first_line(error)}") from error
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items()
@@ -285,7 +337,21 @@ def _from_factory(reference: str) -> LoadedModel:
         raise UnknownModelError(
             f"{file_part!r} has no callable {factory_name!r}; callables defined there: "
             f"{', '.join(found) or 'none'}")
-    result = factory()
+    import inspect
+
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as error:  # it needs arguments the command line cannot give
+        raise UnknownModelError(
+            f"{reference!r}: the factory cannot be called without arguments ({error}); write "
+            "a function that takes none and returns the model") from error
+    except ValueError:  # no signature to inspect (a builtin): just call it
+        pass
+    try:
+        result = factory()
+    except Exception as error:
+        raise UnknownModelError(f"{reference!r}: the factory raised {type(error).__name__}: "
+                                f"{_first_line(error)}") from error
     example = None
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
         result, example = result
@@ -294,7 +360,24 @@ def _from_factory(reference: str) -> LoadedModel:
         raise UnknownModelError(
             f"{reference!r} returned {type(result).__name__}; the factory must return an "
             "nn.Module, or (nn.Module, example_inputs)")
-    return LoadedModel(f"{path.name}:{factory_name}", result, "custom", example=example)
+    return LoadedModel(model_label(reference), result, "custom", example=example)
+
+
+def model_label(name: str) -> str:
+    """The name :func:`load_model` gives the model ``name`` refers to, without loading it
+    (``"minilm"``, a folder's last component, ``"file.py:factory"``); for default paths."""
+    key = name.lower()
+    if key in BUILTINS:
+        return key
+    if ":" in name and name.rpartition(":")[0].endswith(".py"):
+        file_part, _, factory_name = name.rpartition(":")
+        return f"{Path(file_part).name}:{factory_name}"
+    return Path(name).name
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "(no message)"
 
 
 def load_model(name: str) -> LoadedModel:
