@@ -318,14 +318,16 @@ class Doubler(nn.Module):
         return x * self.scale
 '''
 
-LOAD_ONE = r"""
-import sys, torch, leantorch
+LOAD_USER_MODEL = r"""
+import sys, leantorch
+path, package_root = sys.argv[1], sys.argv[2]
 try:
-    model = leantorch.load(sys.argv[1])
+    leantorch.load(path)  # userpkg is not importable yet
 except leantorch.LeanError as error:
     print("LeanError:", error)
-    raise SystemExit(3)
-print(type(model[1]).__module__, type(model[1]).__name__)
+sys.path.insert(0, package_root)
+model = leantorch.load(path)
+print("loaded", type(model[1]).__module__, type(model[1]).__name__)
 """
 
 
@@ -346,15 +348,15 @@ def test_a_user_class_is_imported_by_its_module_name(tmp_path) -> None:
             sys.modules.pop(name, None)
     arch = read_header(path)["base"]["children"]["1"]
     assert arch["class"] == "userpkg.layers.Doubler" and arch["module"] == "userpkg.layers"
-    found = run_fresh(LOAD_ONE, str(path), pythonpath=[str(tmp_path)])
-    assert found.returncode == 0, found.stdout + found.stderr
-    assert found.stdout.split() == ["userpkg.layers", "Doubler"]
-    # where the module is not importable, one clear error naming the class and the module
-    missing = run_fresh(LOAD_ONE, str(path), cwd=tmp_path.parent)
-    assert missing.returncode == 3, missing.stderr
-    message = missing.stdout
-    assert "'userpkg.layers.Doubler'" in message and "'userpkg.layers'" in message
-    assert "cannot be imported" in message and "model=" in message
+    fresh = run_fresh(LOAD_USER_MODEL, str(path), str(tmp_path), cwd=tmp_path.parent)
+    assert fresh.returncode == 0, fresh.stderr
+    error, loaded = fresh.stdout.strip().splitlines()
+    # not importable: one clear error naming the class and its module, and what to do
+    assert error.startswith("LeanError: ")
+    assert "'userpkg.layers.Doubler'" in error and "'userpkg.layers'" in error
+    assert "cannot be imported" in error and "model=" in error
+    # importable: found by its module name without the caller importing it
+    assert loaded == "loaded userpkg.layers Doubler"
 
 
 @pytest.mark.parametrize("module,fragment", [
@@ -434,20 +436,45 @@ def test_load_accepts_a_folder(tmp_path) -> None:
         leantorch.load(tmp_path / "empty")
 
 
-def test_a_saved_folder_gets_the_inputs_of_its_builtin_source(tmp_path) -> None:
-    """The folder's header names a built-in source: its inputs come from that built-in, built
-    around the saved model (no weights of the built-in are made)."""
+@pytest.mark.parametrize("where", ["header", "report.json"])
+def test_a_saved_folder_gets_the_inputs_of_its_builtin_source(tmp_path, where) -> None:
+    """The folder names a built-in source (in the file's header, or in report.json as
+    ``leantorch compress`` writes it): its inputs come from that built-in, built around the
+    saved model (no weights of the built-in are made)."""
     from leantorch.models import load_model
 
     model = gpt2()
-    leantorch.save(model, tmp_path / "g" / "model.safetensors",
-                   metadata={"source": "gpt2", "recipe": "int8"})
-    loaded = load_model(str(tmp_path / "g"))
+    folder = tmp_path / "g"
+    if where == "header":
+        leantorch.save(model, folder / "model.safetensors",
+                       metadata={"source": "gpt2", "recipe": "int8"})
+    else:
+        leantorch.save(model, folder / "model.safetensors")
+        (folder / "report.json").write_text(json.dumps({"source": "gpt2"}))
+    loaded = load_model(str(folder))
     assert (loaded.name, loaded.kind, loaded.vocab_size) == ("g", "text", VOCAB)
-    assert loaded.description == "saved by leantorch from gpt2 with recipe int8"
+    assert loaded.description.startswith("saved by leantorch from gpt2")
     _, kwargs = loaded.example_inputs(batch=2, seq_len=5)
     assert kwargs["input_ids"].shape == (2, 5) and int(kwargs["input_ids"].max()) < VOCAB
     assert torch.equal(loaded.model(**kwargs).logits, model(**kwargs).logits)
+
+
+def test_a_sentence_encoder_with_minilm_vocabulary_gets_minilm_tokenizer(tmp_path) -> None:
+    """A folder whose source is not a built-in (a compress of a compress folder) holding a
+    SentenceEncoder over MiniLM's vocabulary tokenizes with MiniLM's tokenizer; another
+    vocabulary gets random token ids."""
+    from leantorch.models import SentenceEncoder, load_model, minilm_tokenizer
+    from leantorch.models.sentence import minilm_path
+
+    minilm_vocab = json.loads((minilm_path() / "config.json").read_text())["vocab_size"]
+    for vocab, tokenizer in ((minilm_vocab, minilm_tokenizer), (VOCAB, None)):
+        config = T.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=16, vocab_size=vocab)
+        folder = tmp_path / f"enc{vocab}"
+        leantorch.save(SentenceEncoder(T.BertModel(config)), folder / "model.safetensors",
+                       metadata={"source": "minilm-int8"})
+        loaded = load_model(str(folder))
+        assert (loaded.kind, loaded.vocab_size, loaded.tokenizer) == ("text", vocab, tokenizer)
 
 
 def test_a_saved_folder_without_a_known_source_needs_input_shapes(tmp_path) -> None:
@@ -486,6 +513,15 @@ gates:
   - {metric: cosine_mean, min: -1.0}
 """
 
+NET_FILE = """
+import torch
+from torch import nn
+
+def build():
+    ffn = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    return nn.Sequential(ffn, nn.ReLU(), nn.Linear(16, 8)).eval()
+"""
+
 LOAD_THEN_PROFILE = r"""
 import contextlib, io, json, sys
 import torch
@@ -493,43 +529,63 @@ torch.set_num_threads(1)
 import leantorch
 folder = sys.argv[1]
 model = leantorch.load(folder)  # first, while nothing but leantorch is imported
-loaded = {"class": type(model).__name__,
-          "int8": sum(type(m).__name__ == "Int8DynamicLinear" for m in model.modules())}
+loaded = [type(m).__name__ for m in model.modules()]
 from leantorch.cli import main
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
-    code = main(["profile", folder, "--no-latency", "--json", "--seq-len", "8",
+    code = main(["profile", folder, "--input", "16", "--batch", "2", "--no-latency", "--json",
                  "--device-spec", "none"])
 print(json.dumps({"loaded": loaded, "code": code, "profile": json.loads(out.getvalue())}))
 """
 
 
-def test_compress_output_folder_is_a_model_everywhere(tmp_path, capsys) -> None:
-    """``leantorch compress`` writes a folder; a fresh process loads it with ``leantorch.load``
-    and profiles it with ``leantorch profile FOLDER``, and ``leantorch compress`` takes it as
-    MODEL again."""
-    source = tmp_path / "tiny-bert"
-    bert().save_pretrained(source)
+def test_a_compress_output_folder_loads_and_profiles_in_a_fresh_process(tmp_path,
+                                                                        capsys) -> None:
+    """``leantorch compress`` writes a folder; a fresh process loads it (``leantorch.load``)
+    and profiles it (``leantorch profile FOLDER``)."""
+    (tmp_path / "net.py").write_text(NET_FILE)
     (tmp_path / "r.yaml").write_text(RECIPE)
-    out = tmp_path / "out"
-    assert main(["compress", str(source), "--recipe", str(tmp_path / "r.yaml"), "--out",
-                 str(out), "--latency-runs", "0", "--threads", "1"]) == 0
+    out = tmp_path / "net-int8"
+    assert main(["compress", f"{tmp_path / 'net.py'}:build", "--recipe",
+                 str(tmp_path / "r.yaml"), "--input", "16", "--out", str(out),
+                 "--latency-runs", "0", "--threads", "1"]) == 0
     capsys.readouterr()
     fresh = run_fresh(LOAD_THEN_PROFILE, str(out))
     assert fresh.returncode == 0, fresh.stderr
     result = json.loads(fresh.stdout.strip().splitlines()[-1])
-    # 2 layers x (query, key, value, attention output, intermediate, output); pooler excluded
-    assert result["loaded"] == {"class": "BertModel", "int8": 12}
+    assert result["loaded"] == ["Sequential", "Sequential", "Int8DynamicLinear", "GELU",
+                                "Int8DynamicLinear", "ReLU", "Int8DynamicLinear"]
     assert result["code"] == 0
-    profile = result["profile"]
-    assert profile["model"].startswith("out (")
-    assert profile["inputs"][0]["shape"] == [1, 8]
-    assert profile["forward"]["macs"] > 0
-    again = tmp_path / "again"
-    assert main(["compress", str(out), "--recipe", str(tmp_path / "r.yaml"), "--out",
-                 str(again), "--latency-runs", "0", "--threads", "1"]) == 0
+    assert result["profile"]["model"].startswith("net-int8 (")
+    assert result["profile"]["inputs"] == [{"name": "arg0", "shape": [2, 16],
+                                            "dtype": "float32"}]
+
+
+def test_compress_takes_its_own_output_folder_as_model(tmp_path, capsys) -> None:
+    """A transformers text model, compressed, then compressed again from its folder: the
+    folder gives text inputs from the model's config (no --input needed)."""
+    from leantorch.models import load_model
+
+    source = tmp_path / "tiny-bert"
+    bert().save_pretrained(source)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    out, again = tmp_path / "out", tmp_path / "again"
+    for model, folder in ((source, out), (out, again)):
+        assert main(["compress", str(model), "--recipe", str(tmp_path / "r.yaml"), "--out",
+                     str(folder), "--latency-runs", "0", "--threads", "1"]) == 0
+    capsys.readouterr()
     assert json.loads((again / "report.json").read_text())["source"] == "out"
-    assert (again / "model.safetensors").is_file()
+    loaded = load_model(str(out))
+    assert (loaded.name, loaded.kind, loaded.vocab_size) == ("out", "text", VOCAB)
+    assert loaded.description == "saved by leantorch from tiny-bert with recipe tiny-int8"
+    # 2 layers x (query, key, value, attention output, intermediate, output); pooler excluded
+    assert sum(type(m).__name__ == "Int8DynamicLinear" for m in loaded.model.modules()) == 12
+    # compressing int8 layers again finds no Linear left to replace: same model, same outputs
+    twice = leantorch.load(again)
+    inputs = ids()
+    assert torch.equal(twice(**inputs).last_hidden_state, loaded.model(**inputs).last_hidden_state)
+    with pytest.raises(LeanError, match="--input does not apply to out, a text model"):
+        loaded.batches(["a", "b"], shapes=["16"])
 
 
 @pytest.mark.slow

@@ -55,12 +55,17 @@ class LoadedModel:
         batch_size: int = 32,
         seq_len: int = 128,
         seed: int = 0,
+        shapes: Sequence[str] | None = None,
     ) -> list[Any]:
         """Model inputs for ``texts`` in batches: tokenized when the model has a tokenizer
         (padded to the longest text of each batch, at most ``seq_len`` tokens); otherwise one
-        deterministic random input per text (token ids for text models, images for vision)."""
+        deterministic random input per text (token ids for text models, images for vision,
+        tensors of ``shapes`` such as ``"3x32x32"`` for other models)."""
         _positive("batch_size", batch_size)
         _positive("seq_len", seq_len)
+        if shapes and self.kind == "text":
+            raise LeanError(f"--input does not apply to {self.name}, a text model: its "
+                            "inputs are token ids; use --seq-len N")
         chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         if self.kind == "text" and self.tokenizer is not None:
             tokenizer = self.extras.setdefault("_tokenizer", self.tokenizer())
@@ -70,7 +75,7 @@ class LoadedModel:
         for i, chunk in enumerate(chunks):
             args, kwargs = self.example_inputs(batch=len(chunk),
                                                seq_len=seq_len if self.kind == "text" else None,
-                                               seed=seed + i)
+                                               shapes=shapes, seed=seed + i)
             batches.append(kwargs if kwargs else args)
         return batches
 
