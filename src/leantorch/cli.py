@@ -233,7 +233,8 @@ def _models() -> int:
     width = max(map(len, BUILTINS))
     for name, (description, _) in BUILTINS.items():
         print(f"{name.ljust(width)}  {description}")
-    print("\nAlso accepted: a local transformers model folder, or path/to/file.py:factory.")
+    print("\nAlso accepted: a local transformers model folder, a folder written by leantorch "
+          "compress, or path/to/file.py:factory.")
     return 0
 
 
