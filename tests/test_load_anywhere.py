@@ -226,7 +226,9 @@ def save_cases(folder: Path, cases: dict[str, tuple[Callable[[], nn.Module],
 
 def test_every_registered_transform_has_a_case() -> None:
     covered = {name for _, _, steps in CASES.values() for name, _ in steps}
-    assert set(transform_names()) <= covered, sorted(set(transform_names()) - covered)
+    leantorchs = {name for name in transform_names()  # other tests register their own
+                  if get_transform(name).__module__.startswith("leantorch.")}
+    assert len(leantorchs) >= 16 and leantorchs <= covered, sorted(leantorchs - covered)
 
 
 # Cases also saved as a leantorch that did not record defining modules wrote them: they load
