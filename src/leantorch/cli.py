@@ -5,7 +5,8 @@
                             [--device cpu|cuda] [--device-spec auto|measure|none|NAME]
                             [--no-latency]
     leantorch compress MODEL --recipe RECIPE [--data FILE] [--out DIR] [--overwrite]
-                             [--seq-len N] [--threads T] [--latency-runs N] [--json]
+                             [--seq-len N] [--input SHAPE ...] [--threads T]
+                             [--latency-runs N] [--json]
     leantorch models
     leantorch recipes
 
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "profile", help="what a model costs: FLOPs, MACs, params, bytes, memory, latency",
         description="Count what a model costs per module. MODEL is a built-in name (see "
-        "'leantorch models'), a local transformers model folder, or path/to/file.py:factory.")
+        "'leantorch models'), a local transformers model folder, a folder written by "
+        "'leantorch compress', or path/to/file.py:factory.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--input", action="append", metavar="SHAPE", dest="shapes",
                    help="an input's shape without the batch dimension, e.g. 3x224x224 or "
@@ -60,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         "compress", help="apply a recipe (transforms, fine-tune, verification) to a model",
         description="Compress MODEL with RECIPE, print a before/after table per step and "
         "write the model (model.safetensors), report.json and report.md to --out. Nothing is "
-        "written when a verification gate fails (exit status 1).")
+        "written when a verification gate fails (exit status 1). MODEL is read as by "
+        "'leantorch profile', so a folder an earlier compress wrote can be compressed again.")
     c.add_argument("model", metavar="MODEL")
     c.add_argument("--recipe", required=True, metavar="RECIPE",
                    help="a shipped recipe name (see 'leantorch recipes') or a .yaml file")
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="replace --out if it exists and is not empty (default: refuse)")
     c.add_argument("--seq-len", type=int, metavar="N", help="override the recipe's seq_len")
+    c.add_argument("--input", action="append", metavar="SHAPE", dest="shapes",
+                   help="for a model without a tokenizer or known inputs: an input's shape "
+                   "without the batch dimension (random calibration inputs); repeatable")
     c.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's)")
     c.add_argument("--latency-runs", type=int, default=10, metavar="N",
                    help="timed forwards per stage (default 10; 0 skips timing)")
@@ -183,9 +189,10 @@ def _compress(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     cal = recipe.calibration
     calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
-    calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len)
+    calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len,
+                                 shapes=args.shapes)
     evaluation = loaded.batches(evaluation_texts[:max(cal.batch_size, cal.samples)],
-                                cal.batch_size, cal.seq_len, seed=1)
+                                cal.batch_size, cal.seq_len, seed=1, shapes=args.shapes)
     print(f"compressing {loaded.name} with recipe {recipe.name!r}: "
           f"{sum(_rows(b) for b in calibration)} calibration and "
           f"{sum(_rows(b) for b in evaluation)} held-out inputs, {torch.get_num_threads()} "
@@ -256,7 +263,8 @@ def _models() -> int:
     width = max(map(len, BUILTINS))
     for name, (description, _) in BUILTINS.items():
         print(f"{name.ljust(width)}  {description}")
-    print("\nAlso accepted: a local transformers model folder, or path/to/file.py:factory.")
+    print("\nAlso accepted: a local transformers model folder, a folder written by leantorch "
+          "compress, or path/to/file.py:factory.")
     return 0
 
 

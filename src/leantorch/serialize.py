@@ -16,6 +16,12 @@ tensors are loaded into them:
 A module class of your own joins in with :func:`register_module` (``spec()`` returns its
 constructor arguments, ``from_spec(spec)`` builds it). A model whose base leantorch cannot
 build (your own top-level class) still saves; load it with ``load(path, model=skeleton)``.
+
+Every registered class and step is saved with the Python module that defines it
+(``"module": "leantorch.compress.quant.modules"``), and :func:`load` imports that module when
+the name is not registered yet, so a fresh interpreter loads any file without the user
+importing anything. Files written before the module was recorded name leantorch's own classes
+only by their registered name; :data:`_KNOWN_MODULES` leads those names to their module.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import contextlib
 import importlib
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,9 +45,13 @@ from leantorch.io import atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
+    "MODEL_FILE",
     "architecture",
     "build",
+    "is_leantorch_file",
     "load",
+    "model_file",
+    "read_header",
     "record_step",
     "register_module",
     "register_step",
@@ -52,6 +64,30 @@ _MODULES: dict[str, type[nn.Module]] = {}
 _STEPS: dict[str, Callable[..., None]] = {}
 _BASE_ATTR = "_leantorch_base_architecture"
 _STEPS_ATTR = "_leantorch_steps"
+_HEADER_KEYS: dict[str, type] = {"base": dict, "steps": list, "overrides": dict,
+                                 "parametrizations": list, "aliases": dict}
+
+# Where leantorch's own registered names are defined, for files written before the header
+# recorded the module (tests/test_load_anywhere.py checks this table against the registry).
+_KNOWN_MODULES: dict[str, str] = {
+    "leantorch.FakeQuantLinear": "leantorch.compress.quant.modules",
+    "leantorch.FeedForward": "leantorch.nn.moe.experts",
+    "leantorch.Int8DynamicLinear": "leantorch.compress.quant.modules",
+    "leantorch.LLMInt8Linear": "leantorch.compress.quant.modules",
+    "leantorch.LowRankLinear": "leantorch.compress.lowrank",
+    "leantorch.MoE": "leantorch.nn.moe.layer",
+    "leantorch.Router": "leantorch.nn.moe.router",
+    "leantorch.SentenceEncoder": "leantorch.models.sentence",
+    "leantorch.SparseLinear": "leantorch.compress.prune.sparse_exec",
+    "leantorch.StackedExperts": "leantorch.nn.moe.experts",
+    "leantorch.TernaryLinear": "leantorch.compress.quant.modules",
+    "leantorch.WeightMask": "leantorch.compress.prune.masks",
+    "leantorch.WeightOnlyLinear": "leantorch.compress.quant.modules",
+    "leantorch.ZeroBranch": "leantorch.compress.prune.sublayers",
+}
+_KNOWN_STEP_MODULES: dict[str, str] = {
+    "prune.resize": "leantorch.compress.prune.layers",
+}
 
 
 # --------------------------------------------------------------------------- registries
@@ -96,7 +132,8 @@ def record_step(model: nn.Module, name: str, **args: Any) -> None:
         model.__dict__[_BASE_ATTR] = architecture(model)
         model.__dict__[_STEPS_ATTR] = []
     json.dumps(args)  # fail now, not at save time, on arguments that cannot be stored
-    model.__dict__[_STEPS_ATTR].append({"step": name, "args": args})
+    model.__dict__[_STEPS_ATTR].append({"step": name, "args": args,
+                                        "module": _STEPS[name].__module__})
 
 
 # --------------------------------------------------------------------------- architectures
@@ -164,7 +201,8 @@ def architecture(module: nn.Module) -> dict[str, Any]:
     module = _unparametrized(module)
     name = getattr(type(module), "_leantorch_name", None)
     if name is not None and _MODULES.get(name) is type(module):
-        return {"kind": "leantorch", "class": name, "spec": module.spec()}
+        return {"kind": "leantorch", "class": name, "module": type(module).__module__,
+                "spec": module.spec()}
     if _is_transformers(module):
         return {"kind": "transformers", "class": type(module).__name__,
                 "config": module.config.to_dict()}
@@ -178,25 +216,17 @@ def architecture(module: nn.Module) -> dict[str, Any]:
 
 
 def buildable(arch: dict[str, Any]) -> bool:
-    if arch["kind"] == "container":
-        return all(buildable(a) for a in arch["children"].values())
-    return arch["kind"] != "unknown"
+    if arch.get("kind") == "container":
+        return all(buildable(a) for a in arch.get("children", {}).values())
+    return arch.get("kind") != "unknown"
 
 
 def build(arch: dict[str, Any]) -> nn.Module:
     """The module ``arch`` (from :func:`architecture`) describes, with fresh weights."""
     kind = arch.get("kind")
     if kind == "leantorch":
-        cls = _MODULES.get(arch["class"])
-        if cls is None:
-            module_name = arch["class"].rsplit(".", 1)[0]
-            with contextlib.suppress(ImportError):  # classes register when imported
-                importlib.import_module(module_name)
-            cls = _MODULES.get(arch["class"])
-        if cls is None:
-            raise LeanError(f"module class {arch['class']!r} is not registered with "
-                            "leantorch.serialize.register_module (import the module defining "
-                            "it before loading)")
+        cls = _registered(_MODULES, "module class", arch.get("class"), arch.get("module"),
+                          _KNOWN_MODULES)
         from_spec = getattr(cls, "from_spec", None)
         return from_spec(arch["spec"]) if from_spec is not None else cls(**arch["spec"])
     if kind == "transformers":
@@ -231,6 +261,60 @@ def build(arch: dict[str, Any]) -> nn.Module:
         return container
     raise LeanError(f"cannot build a module of class {arch.get('class')!r}: leantorch does not "
                     "know how to construct it; pass load(path, model=skeleton)")
+
+
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _registered(registry: dict[str, Any], what: str, name: Any, module_name: Any,
+                known: dict[str, str]) -> Any:
+    """``registry[name]``, importing the module that registers ``name`` first when needed: the
+    module the header names, else leantorch's own table (files written before headers named
+    it), else the name's dotted prefix (a class registered under its default
+    ``module.QualName`` name). Only a module name is ever taken from the file, never code."""
+    if not isinstance(name, str) or not name:
+        raise LeanError(f"load: the header names a {what} {describe(name)}; expected a "
+                        "non-empty string (is the file corrupt?)")
+    if name in registry:
+        return registry[name]
+    hint = ("import the module that defines and registers it before leantorch.load, or pass "
+            "load(path, model=<a fresh instance>) built by your own code")
+    if module_name is None and name not in known:
+        # An older file naming a class of the user's: its default name is module.QualName.
+        guess = name.rpartition(".")[0]
+        if _importable(guess):
+            with contextlib.suppress(Exception):  # a guess: the error below says what is missing
+                importlib.import_module(guess)
+        if name not in registry:
+            raise LeanError(f"load: {what} {name!r} is not registered and the file does not "
+                            f"say which module defines it: {hint}")
+        return registry[name]
+    if module_name is None:
+        module_name = known[name]
+    if not isinstance(module_name, str) or not _DOTTED_NAME.fullmatch(module_name):
+        raise LeanError(f"load: {what} {name!r} names its defining module as "
+                        f"{describe(module_name)}, which is not a dotted Python module name "
+                        "(letters, digits, '_' and '.'); refusing to import it")
+    if not _importable(module_name):
+        raise LeanError(f"load: {what} {name!r} was registered in {module_name!r}, which "
+                        f"leantorch will not import for you: {hint}")
+    try:
+        importlib.import_module(module_name)  # classes and steps register when imported
+    except Exception as error:
+        raise LeanError(f"load: {what} {name!r} is defined in module {module_name!r}, which "
+                        f"cannot be imported ({type(error).__name__}: {error}): {hint}"
+                        ) from error
+    if name not in registry:
+        raise LeanError(f"load: {what} {name!r} is not registered (importing {module_name!r} "
+                        f"did not register it): {hint}")
+    return registry[name]
+
+
+def _importable(module_name: str) -> bool:
+    """Whether leantorch may import ``module_name`` on a file's word: a dotted name, and not a
+    script (``__main__``) or the standard library, where no registered class can live."""
+    return (bool(_DOTTED_NAME.fullmatch(module_name)) and module_name != "__main__" and
+            module_name.partition(".")[0] not in sys.stdlib_module_names)
 
 
 # --------------------------------------------------------------------------- diffs
@@ -327,13 +411,19 @@ def _base_and_steps(model: nn.Module) -> tuple[dict[str, Any], list[dict[str, An
 
 def _skeleton(base: dict[str, Any], steps: list[dict[str, Any]], meta: bool) -> nn.Module:
     model = build_on_meta(base) if meta else build(base)
-    for step in steps:
-        fn = _STEPS.get(step["step"])
-        if fn is None:
-            raise LeanError(f"saved model needs structural step {step['step']!r}, which is not "
-                            "registered (import the module of the transform that made it)")
-        fn(model, **step["args"])
+    _replay(model, steps)
     return model
+
+
+def _replay(model: nn.Module, steps: list[dict[str, Any]]) -> None:
+    """Apply the recorded structural edits to ``model`` in order."""
+    for step in steps:
+        if not isinstance(step, dict) or not isinstance(step.get("args", {}), dict):
+            raise LeanError(f"load: a recorded step is malformed: {describe(step)}; expected "
+                            "{'step': name, 'args': {...}}")
+        fn = _registered(_STEPS, "structural step", step.get("step"), step.get("module"),
+                         _KNOWN_STEP_MODULES)
+        fn(model, **step.get("args", {}))
 
 
 def save(model: nn.Module, path: str | os.PathLike[str],
@@ -376,11 +466,44 @@ def save(model: nn.Module, path: str | os.PathLike[str],
     return atomic_write_bytes(path, blob)
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a saved model (checked for format and version)."""
+MODEL_FILE = "model.safetensors"
+
+
+def model_file(path: str | os.PathLike[str]) -> Path:
+    """The saved model file ``path`` names: the file itself, or ``path/model.safetensors`` for
+    a folder (what ``leantorch compress`` writes)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / MODEL_FILE
+        if not inside.is_file():
+            found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+            shown = ", ".join(found[:10]) + (f", ... ({len(found)} entries)"
+                                              if len(found) > 10 else "")
+            raise LeanError(f"load: folder {str(path)!r} has no {MODEL_FILE} (found: "
+                            f"{shown or 'nothing'}); pass the .safetensors file itself or a "
+                            "folder written by leantorch compress")
+        return inside
     if not path.is_file():
         raise LeanError(f"load: no file at {str(path)!r}")
+    return path
+
+
+def is_leantorch_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors file with a leantorch header (False for any other
+    file, readable or not)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _METADATA_KEY in (handle.metadata() or {})
+    except Exception:  # not safetensors, truncated, unreadable: not one of ours to read
+        return False
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a saved model (checked for format, version and the keys
+    :func:`load` needs). ``path``: the file, or a folder holding ``model.safetensors``."""
+    path = model_file(path)
     from safetensors import safe_open
 
     try:
@@ -396,26 +519,44 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(metadata[_METADATA_KEY])
     except json.JSONDecodeError as error:
         raise LeanError(f"load: the leantorch header of {str(path)!r} is corrupt") from error
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LeanError(f"load: {str(path)!r} has format version {version!r}; this leantorch "
+    if not isinstance(header, dict) or "format_version" not in header:
+        raise LeanError(f"load: {str(path)!r} is not a leantorch file: its header lacks "
+                        "format_version")
+    version = header["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise LeanError(f"load: {str(path)!r} has format version {describe(version)}, which is "
+                        f"not a leantorch format version (1 to {FORMAT_VERSION}); the file is "
+                        "corrupt or was not written by leantorch.save")
+    if version > FORMAT_VERSION:
+        raise LeanError(f"load: {str(path)!r} has format version {version}; this leantorch "
                         f"reads versions up to {FORMAT_VERSION}: upgrade leantorch")
+    for key, kind in _HEADER_KEYS.items():
+        if key not in header:
+            raise LeanError(f"load: the leantorch header of {str(path)!r} lacks the key "
+                            f"{key!r} (it has: {', '.join(sorted(header))}); the file is "
+                            "corrupt or was not written by leantorch.save")
+        if not isinstance(header[key], kind):
+            raise LeanError(f"load: the leantorch header of {str(path)!r} has {key!r} = "
+                            f"{describe(header[key])}; expected a {kind.__name__}")
     return header
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the model saved at ``path``. ``model``: a freshly built base model (same
-    architecture as before any transform) when leantorch cannot build the base itself."""
+    """Rebuild the model saved at ``path`` (a ``.safetensors`` file, or a folder holding
+    ``model.safetensors`` such as ``leantorch compress`` writes). ``model``: a freshly built
+    base model (same architecture as before any transform) when leantorch cannot build the
+    base itself. The classes the file names are imported as needed: nothing has to be imported
+    first."""
     from safetensors.torch import load_file
 
+    path = model_file(path)
     header = read_header(path)
     if model is not None:
         if not isinstance(model, nn.Module):
             raise LeanTypeError(f"load: model must be an nn.Module skeleton, got "
                                 f"{type(model).__name__}")
         target = model
-        for step in header["steps"]:
-            _STEPS[step["step"]](target, **step["args"])
+        _replay(target, header["steps"])
     elif buildable(header["base"]):
         target = _skeleton(header["base"], header["steps"], meta=False)
     else:

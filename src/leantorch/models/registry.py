@@ -1,4 +1,5 @@
-"""Models by name: built-ins, local transformers folders, and ``path/to/file.py:factory``.
+"""Models by name: built-ins, local transformers folders, folders written by
+``leantorch compress``, and ``path/to/file.py:factory``.
 
 Built-ins other than ``minilm`` are built from transformers configs with random weights (the
 architecture, not the training, decides what they cost); ``minilm`` carries real weights.
@@ -8,6 +9,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -58,12 +60,17 @@ class LoadedModel:
         batch_size: int = 32,
         seq_len: int = 128,
         seed: int = 0,
+        shapes: Sequence[str] | None = None,
     ) -> list[Any]:
         """Model inputs for ``texts`` in batches: tokenized when the model has a tokenizer
         (padded to the longest text of each batch, at most ``seq_len`` tokens); otherwise one
-        deterministic random input per text (token ids for text models, images for vision)."""
+        deterministic random input per text (token ids for text models, images for vision,
+        tensors of ``shapes`` such as ``"3x32x32"`` for other models)."""
         _positive("batch_size", batch_size)
         _positive("seq_len", seq_len)
+        if shapes and self.kind == "text":
+            raise LeanError(f"--input does not apply to {self.name}, a text model: its "
+                            "inputs are token ids; use --seq-len N")
         chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         if self.kind == "text" and self.tokenizer is not None:
             tokenizer = self.extras.setdefault("_tokenizer", self.tokenizer())
@@ -73,7 +80,7 @@ class LoadedModel:
         for i, chunk in enumerate(chunks):
             args, kwargs = self.example_inputs(batch=len(chunk),
                                                seq_len=seq_len if self.kind == "text" else None,
-                                               seed=seed + i)
+                                               shapes=shapes, seed=seed + i)
             batches.append(kwargs if kwargs else args)
         return batches
 
@@ -220,25 +227,29 @@ def _uncased_wordpiece() -> Any:
     return minilm_tokenizer()
 
 
-def _minilm() -> LoadedModel:
+# Each built-in factory takes ``model=``: a model built from it and then compressed and saved
+# (a ``leantorch compress`` folder) gets the same inputs and tokenizer as the original.
+def _minilm(model: nn.Module | None = None) -> LoadedModel:
     from leantorch.models.sentence import load_minilm
 
     _transformers()
     from leantorch.models.sentence import minilm_tokenizer
 
-    model = load_minilm()
-    return LoadedModel("minilm", model, "text", vocab_size=model.encoder.config.vocab_size,
+    model = load_minilm() if model is None else model
+    return LoadedModel("minilm", model, "text", vocab_size=_config(model).vocab_size,
                        description="all-MiniLM-L6-v2 sentence encoder, real pretrained weights",
                        tokenizer=minilm_tokenizer)
 
 
 def _text(name: str, config_name: str, model_name: str, description: str,
-          tokenizer: Callable[[], Any] | None = None, **config: Any) -> Callable[[], LoadedModel]:
-    def build() -> LoadedModel:
+          tokenizer: Callable[[], Any] | None = None, **config: Any
+          ) -> Callable[..., LoadedModel]:
+    def build(model: nn.Module | None = None) -> LoadedModel:
         t = _transformers()
-        cfg = getattr(t, config_name)(**config)
-        torch.manual_seed(0)
-        model = getattr(t, model_name)(cfg).eval()
+        if model is None:
+            torch.manual_seed(0)
+            model = getattr(t, model_name)(getattr(t, config_name)(**config)).eval()
+        cfg = _config(model)
         return LoadedModel(name, model, "text", vocab_size=cfg.vocab_size,
                            description=description, tokenizer=tokenizer)
 
@@ -246,12 +257,13 @@ def _text(name: str, config_name: str, model_name: str, description: str,
 
 
 def _vision(name: str, config_name: str, model_name: str, description: str,
-            **config: Any) -> Callable[[], LoadedModel]:
-    def build() -> LoadedModel:
+            **config: Any) -> Callable[..., LoadedModel]:
+    def build(model: nn.Module | None = None) -> LoadedModel:
         t = _transformers()
-        cfg = getattr(t, config_name)(**config)
-        torch.manual_seed(0)
-        model = getattr(t, model_name)(cfg).eval()
+        if model is None:
+            torch.manual_seed(0)
+            model = getattr(t, model_name)(getattr(t, config_name)(**config)).eval()
+        cfg = _config(model)
         size = getattr(cfg, "image_size", 224)
         return LoadedModel(name, model, "vision", image_shape=(cfg.num_channels, size, size),
                            description=description)
@@ -259,7 +271,15 @@ def _vision(name: str, config_name: str, model_name: str, description: str,
     return build
 
 
-BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {
+def _config(model: nn.Module) -> Any:
+    """The transformers config of ``model`` (of its encoder, for a sentence encoder)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        config = getattr(getattr(model, "encoder", None), "config", None)
+    return config
+
+
+BUILTINS: dict[str, tuple[str, Callable[..., LoadedModel]]] = {
     "minilm": ("all-MiniLM-L6-v2 sentence encoder (real weights, 22.7M params)", _minilm),
     "bert-base": ("BERT-base encoder (110M params), random weights", _text(
         "bert-base", "BertConfig", "BertModel", "BERT-base",
@@ -291,21 +311,85 @@ BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {
 
 def _from_folder(path: Path) -> LoadedModel:
     t = _transformers()
+    from safetensors import SafetensorError
+
     try:
         config = t.AutoConfig.from_pretrained(str(path), local_files_only=True)
         model = t.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        # SafetensorError: a truncated or corrupt model.safetensors
         raise UnknownModelError(
             f"model folder {str(path)!r} is not a loadable transformers model: "
-            f"{str(error).splitlines()[0]}") from error
+            f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
+    return _inputs_from_config(path.name, model, config)
+
+
+def _inputs_from_config(name: str, model: nn.Module, config: Any,
+                        tokenizer: Callable[[], Any] | None = None) -> LoadedModel:
+    """A text, vision or custom LoadedModel, as the transformers ``config`` says."""
     if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
-        return LoadedModel(path.name, model, "vision",
+        return LoadedModel(name, model, "vision",
                            image_shape=(config.num_channels, size, size))
     if hasattr(config, "vocab_size"):
-        return LoadedModel(path.name, model, "text", vocab_size=config.vocab_size)
-    return LoadedModel(path.name, model, "custom")
+        return LoadedModel(name, model, "text", vocab_size=config.vocab_size,
+                           tokenizer=tokenizer)
+    return LoadedModel(name, model, "custom")
+
+
+def _from_saved(path: Path) -> LoadedModel:
+    """A folder holding a ``model.safetensors`` written by ``leantorch.save`` (what
+    ``leantorch compress`` writes). Its inputs are made as for the model it came from: the source the
+    file's header (or the folder's report.json) names, when that is a built-in; else as the
+    model's transformers config says (a sentence encoder with MiniLM's vocabulary gets
+    MiniLM's tokenizer); else the caller gives ``--input``."""
+    from leantorch.models.sentence import SentenceEncoder
+    from leantorch.serialize import load, read_header
+
+    header = read_header(path)
+    source = header.get("metadata", {}).get("source") or _report_source(path)
+    model = load(path).eval()
+    name = path.resolve().name
+    recipe = header.get("metadata", {}).get("recipe")
+    description = (f"saved by leantorch from {source or 'an unnamed model'}" +
+                   (f" with recipe {recipe}" if recipe else ""))
+    if isinstance(source, str) and source.lower() in BUILTINS:
+        loaded = BUILTINS[source.lower()][1](model=model)
+    else:
+        config = _config(model)
+        tokenizer = None
+        if isinstance(model, SentenceEncoder) and _has_minilm_vocabulary(config):
+            from leantorch.models.sentence import minilm_tokenizer
+
+            tokenizer = minilm_tokenizer
+        loaded = _inputs_from_config(name, model, config, tokenizer)
+    loaded.name, loaded.description = name, description
+    loaded.extras["source"] = source
+    return loaded
+
+
+def _report_source(path: Path) -> str | None:
+    report = path / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        source = json.loads(report.read_text()).get("source")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UnknownModelError(f"{str(report)!r} is not a readable JSON report: {error}"
+                                ) from error
+    return source if isinstance(source, str) and source else None
+
+
+def _has_minilm_vocabulary(config: Any) -> bool:
+    from leantorch.models.sentence import minilm_path
+
+    try:
+        minilm = json.loads((minilm_path() / "config.json").read_text())
+    except (LeanError, OSError, ValueError):  # the MiniLM package is not installed
+        return False
+    return (getattr(config, "model_type", None) == minilm.get("model_type") and
+            getattr(config, "vocab_size", None) == minilm.get("vocab_size"))
 
 
 def _from_factory(reference: str) -> LoadedModel:
@@ -382,6 +466,7 @@ def _first_line(error: BaseException) -> str:
 
 def load_model(name: str) -> LoadedModel:
     """Resolve ``name``: a built-in (see :data:`BUILTINS`), a local transformers model folder,
+    a folder written by ``leantorch compress`` (``model.safetensors`` with a leantorch header),
     or ``path/to/file.py:factory`` (a function returning an ``nn.Module`` or
     ``(nn.Module, example_inputs)``)."""
     if not isinstance(name, str) or not name:
@@ -393,11 +478,21 @@ def load_model(name: str) -> LoadedModel:
         return _from_factory(name)
     path = Path(name)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        from leantorch.serialize import MODEL_FILE, is_leantorch_file
+
+        has_config = (path / "config.json").is_file()
+        saved = path / MODEL_FILE
+        # without a config.json, a model.safetensors can only be leantorch's: read_header then
+        # says precisely what is wrong with it
+        if saved.is_file() and (not has_config or is_leantorch_file(saved)):
+            return _from_saved(path)
+        if not has_config:
             raise UnknownModelError(f"folder {name!r} has no config.json, so it is not a "
-                                    "transformers model folder")
+                                    f"transformers model folder, and no {MODEL_FILE}, so it "
+                                    "was not written by leantorch compress")
         return _from_folder(path)
     raise UnknownModelError(
         f"unknown model {name!r}; accepted: a built-in name ({', '.join(BUILTINS)}), a local "
-        "transformers model folder, or path/to/file.py:factory"
+        "transformers model folder, a folder written by leantorch compress, or "
+        "path/to/file.py:factory"
     )
