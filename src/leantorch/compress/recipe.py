@@ -506,6 +506,10 @@ def run_recipe(
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
+        # checked now, not after the transforms and fine-tunes have run
+        raise LeanError(f"run_recipe: latency_runs must be an integer >= 0 (timing rounds; 0: "
+                        f"no timing), got {latency_runs!r}")
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
                     progress, source)
