@@ -8,6 +8,7 @@ writes ``benchmarks/results/<name>.json`` with what it ran on.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -15,14 +16,17 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from leantorch.errors import LeanError
 from leantorch.io import atomic_write_text
+from leantorch.measure import hardware
+from leantorch.measure.latency import Spread
 
 THREADS = 2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -53,8 +57,13 @@ def _version(package: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on: the library's machine block (``cpu`` with the model,
+    core counts and matrix features, ``torch_cpu_capability``, ``threads``...; the same block
+    ``leantorch compress`` writes into report.json), plus the keys older result files and
+    their renderers use (``cpu_model``, ``cpu_count``, ``torch_num_threads``...) and package
+    versions. Call it after ``setup_threads``: the thread count is read at the call."""
     return {
+        **hardware.machine_info(),
         "platform": platform.platform(),
         "processor": platform.processor(),
         "machine": platform.machine(),
@@ -88,6 +97,52 @@ def interleaved_timings(
             fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def ratio_spread(times: Mapping[str, Sequence[float]], baseline: str) -> dict[str, dict[str, float]]:
+    """Per name, the spread (median, q1, q3, min, max) of the per-round ratio
+    ``baseline / name`` of an :func:`interleaved_timings` result: its rounds line up, so each
+    ratio compares two times taken moments apart."""
+    base = times[baseline]
+    return {name: Spread.of([b / max(t, 1e-12) for b, t in zip(base, samples, strict=True)]
+                            ).to_dict() for name, samples in times.items()}
+
+
+def add_repeat_option(parser: argparse.ArgumentParser) -> None:
+    """``--repeat N``: run the whole timed comparison N times (see :func:`repeated_timings`)."""
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the whole timed comparison N times (warm-up included) and "
+                        "report the spread of each speedup across the runs (default 1)")
+
+
+def repeated_timings(
+    fns: Mapping[str, Callable[[], Any]], baseline: str, warmup: int, rounds: int,
+    repeats: int = 1,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run :func:`interleaved_timings` ``repeats`` times, each a whole comparison with its own
+    warm-up. Returns the first run's times (what a script reports as before) and a summary::
+
+        {"repeats": n,
+         "per_round": {name: spread of the per-round ratio baseline / name, first run},
+         "across_repeats": {name: {"values": [speedup of each run], median, q1, q3, min, max}}
+                           (None when repeats == 1)}
+
+    where a run's speedup is the ratio of the medians, baseline / name. The per-round spread
+    says how noisy one run is; the across-repeats spread says how far a rerun of the script
+    would move the number."""
+    if repeats < 1:
+        raise LeanError(f"--repeat must be an integer >= 1, got {repeats!r}")
+    runs = [interleaved_timings(fns, warmup=warmup, rounds=rounds) for _ in range(repeats)]
+    across = None
+    if repeats > 1:
+        across = {}
+        for name in fns:
+            values = [statistics.median(run[baseline]) / statistics.median(run[name])
+                      for run in runs]
+            across[name] = {"values": [round(v, 4) for v in values],
+                            **Spread.of(values).to_dict()}
+    return runs[0], {"repeats": repeats, "per_round": ratio_spread(runs[0], baseline),
+                     "across_repeats": across}
 
 
 def summarize(samples: list[float]) -> dict[str, Any]:

@@ -21,7 +21,9 @@ quantization-aware training); torch.ao ``quantize_dynamic`` (Linear, qint8) with
 recorded where they do not).
 
 All variants of a model are timed interleaved after a warm-up (``_common.interleaved_timings``);
-medians and speedups over float32 are reported. A second measurement takes each variant's CPU
+medians and speedups over float32 are reported, with the spread (median, quartiles) of the
+per-round ratio; ``--repeat N`` reruns the whole timed comparison N times and records the spread
+of each speedup across the runs. A second measurement takes each variant's CPU
 time with one intra-op thread: on a shared 2-core machine a parallel op waits for the other
 thread's time slice (about 4 ms per op here when anything else runs), which penalises
 implementations made of many small ops; CPU time is immune to that and compares the work done. A ``kernel_probe`` times single layers of
@@ -59,10 +61,12 @@ from torch import nn
 
 from _common import (
     THREADS,
+    add_repeat_option,
     error_text,
     interleaved_timings,
     machine_info,
     ratio,
+    repeated_timings,
     setup_threads,
     summarize,
     write_results,
@@ -250,7 +254,8 @@ def single_thread_cpu_times(fns: dict[str, Forward], rounds: int) -> dict[str, f
 
 def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
               extra: list[dict[str, torch.Tensor]], output: Callable[[Any], torch.Tensor],
-              with_qat: bool, warmup: int, rounds: int, cpu_rounds: int) -> dict[str, Any]:
+              with_qat: bool, warmup: int, rounds: int, cpu_rounds: int,
+              repeat: int = 1) -> dict[str, Any]:
     started = time.perf_counter()
     variants, failed = build_variants(model, with_qat)
     fns = {key: forward_fn(entry, timed, output) for key, entry in variants.items()}
@@ -271,7 +276,7 @@ def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
             fidelity[key]["sentences"] = cosine_stats(torch.cat(outs), extra_reference)
             if key == "leantorch llm_int8":
                 fractions["sentences"] = int8_fraction(entry["model"])
-    times = interleaved_timings(fns, warmup=warmup, rounds=rounds)
+    times, spread = repeated_timings(fns, "fp32", warmup, rounds, repeat)
     stats = {key: summarize(samples) for key, samples in times.items()}
     cpu = single_thread_cpu_times(fns, rounds=cpu_rounds) if cpu_rounds else {}
     base = stats["fp32"]["median_s"]
@@ -283,9 +288,12 @@ def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
             "what": entry["what"],
             "median_ms": round(median * 1e3, 2),
             "speedup_vs_fp32": ratio(base, median, 3),
+            "speedup_vs_fp32_per_round": spread["per_round"][key],
             "cosine": fidelity[key],
             "timings": stats[key],
         }
+        if spread["across_repeats"]:
+            rows[key]["speedup_vs_fp32_repeats"] = spread["across_repeats"][key]
         if cpu:
             rows[key]["cpu_ms_1_thread"] = round(cpu[key] * 1e3, 2)
             rows[key]["cpu_speedup_vs_fp32_1_thread"] = ratio(cpu["fp32"], cpu[key], 3)
@@ -327,13 +335,18 @@ def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
         cos = row["cosine"][primary]
         extra_cpu = (f"  | 1 thread CPU {row['cpu_ms_1_thread']:8.1f} ms "
                      f"{row['cpu_speedup_vs_fp32_1_thread']:5.2f}x" if cpu else "")
-        print(f"  {key:38s} {row['median_ms']:9.1f} ms  {row['speedup_vs_fp32']:5.2f}x  "
-              f"cos mean {cos['mean']:.4f} min {cos['min']:.4f}{extra_cpu}")
+        per_round = row["speedup_vs_fp32_per_round"]
+        repeats = row.get("speedup_vs_fp32_repeats")
+        spread_text = f"[{per_round['q1']:.2f}-{per_round['q3']:.2f}]" + (
+            f" runs {repeats['min']:.2f}-{repeats['max']:.2f}" if repeats else "")
+        print(f"  {key:38s} {row['median_ms']:9.1f} ms  {row['speedup_vs_fp32']:5.2f}x "
+              f"{spread_text}  cos mean {cos['mean']:.4f} min {cos['min']:.4f}{extra_cpu}")
     for key, why in failed.items():
         print(f"  {key:38s} not run: {why[:120]}")
     return {
         "model": name,
         "inputs": {k: list(v.shape) for k, v in timed.items()},
+        "repeats": repeat,
         "fidelity_measured_on": primary,
         "variants": rows,
         "not_run": failed,
@@ -344,22 +357,23 @@ def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
 
 
 def minilm_case(warmup: int, rounds: int, cpu_rounds: int, batch: int,
-                seq_len: int) -> dict[str, Any]:
+                seq_len: int, repeat: int = 1) -> dict[str, Any]:
     from leantorch.models import load_minilm
 
     timed, sentences = minilm_inputs(batch, seq_len)
     return run_model("minilm", load_minilm(), timed, sentences, lambda out: out, True,
-                     warmup, rounds, cpu_rounds)
+                     warmup, rounds, cpu_rounds, repeat)
 
 
 def bert_case(warmup: int, rounds: int, cpu_rounds: int, batch: int,
-              seq_len: int) -> dict[str, Any]:
+              seq_len: int, repeat: int = 1) -> dict[str, Any]:
     from leantorch.models import load_model
 
     loaded = load_model("bert-base")
     _, kwargs = loaded.example_inputs(batch=batch, seq_len=seq_len)
     return run_model("bert-base", loaded.model.eval(), kwargs, [],
-                     lambda out: out.last_hidden_state, False, warmup, rounds, cpu_rounds)
+                     lambda out: out.last_hidden_state, False, warmup, rounds, cpu_rounds,
+                     repeat)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -480,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--bert-batch", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "minilm", "bert"])
+    add_repeat_option(parser)
     options = parser.parse_args(argv)
     threads = setup_threads(THREADS)
     started = time.perf_counter()
@@ -490,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": threads,
         "warmup": options.warmup,
         "rounds": options.rounds,
+        "repeat": options.repeat,
         "machine": machine_info(),
         "torchao": torchao_version(),
         "torchao_location": str(TORCHAO_DIR.relative_to(TORCHAO_DIR.parents[1]))
@@ -501,10 +517,10 @@ def main(argv: list[str] | None = None) -> None:
         payload["layer_probe_cpu_1_thread"] = layer_probe(options.probe_rounds)
     if "minilm" not in options.skip:
         payload["minilm"] = minilm_case(options.warmup, options.rounds, options.cpu_rounds,
-                                        options.batch, options.seq_len)
+                                        options.batch, options.seq_len, options.repeat)
     if "bert" not in options.skip:
         payload["bert-base"] = bert_case(options.warmup, options.rounds, options.cpu_rounds,
-                                         options.bert_batch, options.seq_len)
+                                         options.bert_batch, options.seq_len, options.repeat)
     payload["load_average_after"] = list(os.getloadavg())
     payload["script_seconds"] = round(time.perf_counter() - started, 1)
     path = write_results("quant", payload)

@@ -3,9 +3,11 @@ shapes): size, FLOPs, fidelity on held-out sentences, and latency timed side by 
 
 Each recipe runs through ``run_recipe`` on the same calibration and evaluation sentences; the
 final models are then timed against the fp32 original in one interleaved loop (same batch,
-2 threads), so the speedups are ratios measured together.
+2 threads), so the speedups are ratios measured together; each comes with the spread of its
+per-round ratio, and ``--repeat N`` reruns the whole timed loop N times and records the spread
+of each speedup across the runs.
 
-    .venv/bin/python benchmarks/recipes.py [--rounds 15] [--models minilm,bert-base]
+    .venv/bin/python benchmarks/recipes.py [--rounds 15] [--models minilm,bert-base] [--repeat N]
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 
 from _common import (
     RESULTS_DIR,
+    add_repeat_option,
     error_text,
-    interleaved_timings,
     machine_info,
     ratio,
+    repeated_timings,
     setup_threads,
     summarize,
     write_results,
@@ -39,7 +42,7 @@ RECIPES = {"minilm": None, "bert-base": ("int8", "int4-weight")}
 EVAL_BATCH, EVAL_SEQ = 32, 128
 
 
-def run_model(name: str, rounds: int) -> dict[str, Any]:
+def run_model(name: str, rounds: int, repeat: int = 1) -> dict[str, Any]:
     loaded = load_model(name)
     calibration_texts, evaluation_texts = split(sentences(), holdout=0.25)
     evaluation = loaded.batches(evaluation_texts, EVAL_BATCH, EVAL_SEQ, seed=1)
@@ -77,11 +80,15 @@ def run_model(name: str, rounds: int) -> dict[str, Any]:
 
     for model in finals.values():
         model.eval()
-    times = interleaved_timings({k: forward(m) for k, m in finals.items()}, warmup=2,
-                                rounds=rounds)
+    times, spread = repeated_timings({k: forward(m) for k, m in finals.items()}, "original",
+                                     warmup=2, rounds=rounds, repeats=repeat)
     base = statistics.median(times["original"])
-    timing = {k: {**summarize(v), "speedup_vs_original": ratio(base, statistics.median(v))}
+    timing = {k: {**summarize(v), "speedup_vs_original": ratio(base, statistics.median(v)),
+                  "speedup_per_round": spread["per_round"][k]}
               for k, v in times.items()}
+    if spread["across_repeats"]:
+        for k in timing:
+            timing[k]["speedup_repeats"] = spread["across_repeats"][k]
     return {"model": name, "timing_batch": {k: list(v.shape) for k, v in timing_batch.items()},
             "recipes": recipes, "timing": timing}
 
@@ -102,9 +109,14 @@ def render_table(payload: dict[str, Any], model: str = "minilm") -> str:
         metrics = last["fidelity"]["metrics"]
         gates = ", ".join(f"{g['metric']} >= {g['min']}" for g in recipe["recipe"]["gates"]
                           if "min" in g)
+        timed = entry["timing"][name]
+        speed = f"{timed['speedup_vs_original']:.2f}x"
+        if "speedup_per_round" in timed:  # older result files have no spread
+            speed += (f" [{timed['speedup_per_round']['q1']:.2f}-"
+                      f"{timed['speedup_per_round']['q3']:.2f}]")
         lines.append(
             f"| `{name}` | {last['params'] / 1e6:.1f}M | {last['param_bytes'] / 2**20:.1f} MiB | "
-            f"{last['flops'] / 1e9:.2f} | {entry['timing'][name]['speedup_vs_original']:.2f}x | "
+            f"{last['flops'] / 1e9:.2f} | {speed} | "
             f"{metrics['cosine_mean']:.4f} | {metrics['cosine_min']:.4f} | "
             f"{metrics['retrieval_agreement']:.3f} | {gates} "
             f"({'passed' if recipe['passed'] else 'FAILED'}) |")
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(RECIPES))
     parser.add_argument("--table", action="store_true",
                         help="print the README table from benchmarks/results/recipes.json")
+    add_repeat_option(parser)
     args = parser.parse_args(argv)
     if args.table:
         print(render_table(json.loads((RESULTS_DIR / "recipes.json").read_text())))
@@ -132,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
         "description": "shipped recipes: fidelity on held-out sentences and latency of the "
                        "final model vs the original, timed interleaved in one loop",
         "threads": threads,
+        "rounds": args.rounds,
+        "repeat": args.repeat,
         "machine": machine_info(),
         "load_average_before": list(os.getloadavg()),
         "models": {},
     }
     for name in args.models.split(","):
-        payload["models"][name] = run_model(name, args.rounds)
+        payload["models"][name] = run_model(name, args.rounds, args.repeat)
     payload["load_average_after"] = list(os.getloadavg())
     payload["script_seconds"] = round(time.perf_counter() - start, 1)
     path = write_results("recipes", payload)

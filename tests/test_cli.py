@@ -105,7 +105,7 @@ def test_compress_writes_the_model_and_reports(tiny_bert, tmp_path, capsys) -> N
     recipe.write_text(RECIPE % "-1.0")
     out = tmp_path / "out"
     code = main(["compress", str(tiny_bert), "--recipe", str(recipe), "--out", str(out),
-                 "--latency-runs", "1"])
+                 "--latency-runs", "3"])
     assert code == 0
     text = capsys.readouterr().out
     assert "lowrank.svd" in text and "cosine_mean" in text
@@ -114,6 +114,11 @@ def test_compress_writes_the_model_and_reports(tiny_bert, tmp_path, capsys) -> N
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["source"] == "tiny-bert"
     assert [s["label"] for s in report["stages"]] == ["original", "lowrank.svd"]
+    # the printed speedup is the report's median [q1-q3] of per-round ratios, not markup-eaten
+    speed = report["stages"][1]["speedup"]
+    assert f"{speed['median']:.2f}x [{speed['q1']:.2f}-{speed['q3']:.2f}]" in text
+    assert "speedup [q1-q3]" in text and "3 interleaved rounds" in text
+    assert report["machine"]["cpu"]["model"] in text
 
 
 def test_compress_with_a_pruning_recipe_writes_a_model_that_reloads(tiny_bert, tmp_path,

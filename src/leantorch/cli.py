@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    "without the batch dimension (random calibration inputs); repeatable")
     c.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's)")
     c.add_argument("--latency-runs", type=int, default=10, metavar="N",
-                   help="timed forwards per stage (default 10; 0 skips timing)")
+                   help="interleaved timing rounds, each timing every stage once (default 10; "
+                   "0 skips timing)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sub.add_parser("models", help="list the built-in model names")
@@ -231,21 +232,24 @@ def _print_stages(result: object, as_json: bool) -> None:
     header, rows = result.table()
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print("  ".join(header))
         for row in rows:
             print("  ".join(row))
+        print(result.timing_note())
         return
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table to 80 columns
         console = Console(width=max(console.width, 160))
     table = Table(title=f"{result.source}: recipe {result.recipe.name}", title_justify="left")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    for i, name in enumerate(header):  # escaped: "[q1-q3]" is text, not rich markup
+        table.add_column(escape(name), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
+    console.print(result.timing_note(), soft_wrap=True, markup=False, highlight=False)
 
 
 def _recipes() -> int:

@@ -167,3 +167,76 @@ def test_a_fine_tune_first_trains_a_copy() -> None:
     run_recipe(only, model, calibration=data(2, 1), evaluation=data(1, 2),
                example_inputs=data(1, 3)[0], latency_runs=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+FAST = {"name": "fast", "task": "embedding", "gates": [{"metric": "cosine_mean", "min": -1.0}],
+        "steps": [{"transform": "lowrank.svd", "args": {"rank": 8}}]}
+
+
+def test_every_stage_keeps_the_model_it_was_verified_with() -> None:
+    from leantorch.compress.verify import verify
+
+    schedule = Recipe.from_dict({
+        "name": "kept", "task": "embedding",
+        "steps": [{"transform": "lowrank.svd", "args": {"rank": 8, "include": "0"}},
+                  {"finetune": {"steps": 5, "lr": 3e-3}},
+                  {"transform": "quant.int8_dynamic"}]})
+    model = encoder()
+    evaluation = data(2, 2)
+    result = run_recipe(schedule, model, calibration=data(3, 1), evaluation=evaluation,
+                        example_inputs=data(1, 3)[0], latency_runs=3)
+    models = [s.model for s in result.stages]
+    assert models[0] is model and models[-1] is result.model
+    assert len({id(m) for m in models}) == 4  # a later step did not edit an earlier model
+    assert type(models[1][0]).__name__ != "Linear" and type(models[1][2]) is nn.Linear
+    assert type(models[3][2]) is not nn.Linear  # only the last stage is quantized
+    for stage in result.stages[1:]:  # re-verifying stage i's model gives stage i's numbers
+        again = verify(model, stage.model, evaluation, task="embedding")
+        assert again.metrics == stage.fidelity.metrics
+    # the fine-tune changed its own copy, not the factored model before it
+    x = data(1, 4)[0][0]
+    assert not torch.equal(models[1](x), models[2](x))
+
+
+def test_stages_are_timed_together_and_the_report_says_how_and_where(tmp_path) -> None:
+    import re
+
+    from leantorch.measure import machine_info
+
+    result = run_recipe(FAST, encoder(), calibration=data(2, 1), evaluation=data(1, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=4)
+    assert result.timing["rounds"] == 4 and result.timing["baseline"] == "original"
+    original = result.stages[0]
+    assert original.speedup.to_dict() == dict.fromkeys(("median", "q1", "q3", "min", "max"), 1.0)
+    for stage in result.stages:
+        assert stage.latency_ms == stage.latency.median > 0
+        assert stage.speedup.min <= stage.speedup.q1 <= stage.speedup.median \
+            <= stage.speedup.q3 <= stage.speedup.max
+    header, rows = result.table()
+    column = header.index("speedup [q1-q3]")
+    assert rows[0][column] == "1.00x"
+    for row, stage in zip(rows[1:], result.stages[1:], strict=True):
+        assert re.fullmatch(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", row[column])
+        assert row[column] == stage.speedup.bracket()
+    paths = result.write(tmp_path / "out")
+    report = json.loads(paths["report_json"].read_text())
+    assert report["timing"]["rounds"] == 4
+    assert report["machine"]["threads"] == report["threads"] == torch.get_num_threads()
+    assert report["machine"]["cpu"] == machine_info()["cpu"]
+    for entry, stage in zip(report["stages"], result.stages, strict=True):
+        assert entry["speedup"] == stage.speedup.to_dict()
+        assert entry["latency"]["median_ms"] == entry["latency_ms"]
+        assert set(entry["latency"]) == {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms"}
+    markdown = paths["report_md"].read_text()
+    assert "4 interleaved rounds" in markdown and report["machine"]["cpu"]["model"] in markdown
+
+
+def test_without_timing_the_report_says_so() -> None:
+    result = run_recipe(FAST, encoder(), calibration=data(2, 1), evaluation=data(1, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=0)
+    assert result.timing is None and all(s.speedup is None for s in result.stages)
+    assert {row[5] for row in result.table()[1]} == {"-"}
+    assert "not timed" in result.timing_note()
+    with pytest.raises(LeanError, match=r"latency_runs must be an integer >= 0 .* got -1"):
+        run_recipe(FAST, encoder(), calibration=data(1, 1), evaluation=data(1, 2),
+                   example_inputs=data(1, 3)[0], latency_runs=-1)

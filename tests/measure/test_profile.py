@@ -254,6 +254,7 @@ def test_latency_is_reported_with_its_thread_count() -> None:
     report = profile(mlp(), torch.randn(5, 16), runs=5, warmup=1, threads=1, device_spec=None)
     t = report.latency
     assert t.runs == 5 and t.warmup == 1 and t.threads == 1
+    assert report.machine["threads"] == 1  # the machine block names the threads of the run
     assert 0 < t.min_ms <= t.median_ms <= t.max_ms
     assert t.what == "forward (no_grad)"
 
@@ -327,7 +328,8 @@ PHASE_KEYS = {"flops", "macs", "matmul_flops", "other_flops", "bytes_read", "byt
               "weight_bytes_read", "ops", "intensity", "compute_seconds", "memory_seconds",
               "roofline_seconds", "bound"}
 TOP_KEYS = {"schema", "schema_version", "model", "inputs", "training", "params", "forward",
-            "backward", "memory", "latency", "device", "modules", "ops", "uncounted", "notes"}
+            "backward", "memory", "latency", "device", "modules", "ops", "uncounted", "notes",
+            "machine"}
 
 
 def test_json_schema_is_stable(tmp_path) -> None:
@@ -348,6 +350,9 @@ def test_json_schema_is_stable(tmp_path) -> None:
                                     "warmup", "threads", "device", "what"}
     assert data["forward"]["flops"] == report.flops
     assert data["forward"]["matmul_flops"] + data["forward"]["other_flops"] == report.flops
+    assert set(data["machine"]) == {"cpu", "torch_cpu_capability", "threads", "interop_threads",
+                                    "torch", "python", "platform"}
+    assert data["machine"]["threads"] == data["latency"]["threads"]
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
 
 

@@ -16,10 +16,12 @@ verification gates, from YAML or Python.
 
 Unknown keys, unknown transforms, unknown transform arguments and out-of-range values are
 errors that name the key. :func:`run_recipe` applies the steps to a copy of the model, measures
-every stage (params, weight bytes, FLOPs, latency, fidelity against the original on held-out
-data), fine-tunes, checks the gates (raising :class:`GateFailure` with the whole report when one
-fails) and returns a :class:`RecipeResult`; :meth:`RecipeResult.write` saves the model and the
-reports, atomically, only for a result that passed.
+every stage (params, weight bytes, FLOPs, fidelity against the original on held-out data),
+fine-tunes, keeps every stage's model, times all stages at the end in interleaved rounds with
+the original (:func:`leantorch.measure.compare_interleaved`: a speedup is a per-round ratio,
+reported as its median and quartiles), checks the gates (raising :class:`GateFailure` with the
+whole report when one fails) and returns a :class:`RecipeResult`; :meth:`RecipeResult.write`
+saves the model and the reports, atomically, only for a result that passed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from leantorch.compress.registry import accepts, argument_check, get_transform
 from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
 from leantorch.errors import LeanError, describe
 from leantorch.io import atomic_directory, atomic_write_text, read_text_file
+from leantorch.measure.latency import Spread
 
 __all__ = [
     "Calibration",
@@ -415,7 +418,13 @@ def load_recipe(name_or_path: str | os.PathLike[str] | Recipe | Mapping[str, Any
 # --------------------------------------------------------------------------- running
 @dataclass
 class Stage:
-    """The model after one stage of a recipe, measured."""
+    """The model after one stage of a recipe, measured.
+
+    ``latency_ms`` is the median of the stage's times in the interleaved run (``latency`` has
+    the quartiles, in ms); ``speedup`` summarises the per-round ratios original / stage.
+    ``model`` is the stage's own model (the original's for the first stage): the one verified,
+    timed and, for the last stage, saved.
+    """
 
     label: str
     params: int
@@ -424,11 +433,25 @@ class Stage:
     macs: int | None
     latency_ms: float | None
     fidelity: Fidelity | None = None
+    latency: Spread | None = None
+    speedup: Spread | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "fidelity"}
-        d["fidelity"] = None if self.fidelity is None else self.fidelity.to_dict()
-        return d
+        # by hand: dataclasses.asdict would deep-copy the model
+        return {
+            "label": self.label, "params": self.params, "param_bytes": self.param_bytes,
+            "flops": self.flops, "macs": self.macs, "latency_ms": self.latency_ms,
+            "latency": None if self.latency is None else
+            {f"{k}_ms": v for k, v in self.latency.to_dict().items()},
+            "speedup": None if self.speedup is None else self.speedup.to_dict(),
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+        }
+
+    def speedup_text(self) -> str:
+        """``"1.36x [1.31-1.40]"``: median [q1-q3] of the per-round ratios; ``"-"`` when not
+        timed."""
+        return "-" if self.speedup is None else self.speedup.bracket()
 
 
 @dataclass
@@ -443,6 +466,8 @@ class RecipeResult:
     failures: list[str]
     threads: int
     source: str = ""
+    timing: dict[str, Any] | None = None  # how the stages were timed; None: not timed
+    machine: dict[str, Any] | None = None  # measure.hardware.machine_info() of the timing
 
     @property
     def passed(self) -> bool:
@@ -459,6 +484,8 @@ class RecipeResult:
             "passed": self.passed,
             "failures": list(self.failures),
             "threads": self.threads,
+            "machine": self.machine,
+            "timing": self.timing,
             "stages": [s.to_dict() for s in self.stages],
             "changes": [c.to_dict() for c in self.changes],
             "finetune_loss": {"first": self.finetune_loss[0], "last": self.finetune_loss[-1],
@@ -467,13 +494,13 @@ class RecipeResult:
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the before/after table, one row per stage."""
-        first = self.stages[0]
         metrics = list(self.stages[-1].fidelity.metrics) if self.stages[-1].fidelity else []
-        header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup", *metrics]
+        header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup [q1-q3]",
+                  *metrics]
         rows = []
-        for s in self.stages:
-            speed = (f"{first.latency_ms / s.latency_ms:.2f}x"
-                     if s.latency_ms and first.latency_ms else "-")
+        for i, s in enumerate(self.stages):
+            # the original is the baseline: its ratio is 1 in every round, no spread to show
+            speed = "1.00x" if i == 0 and s.speedup is not None else s.speedup_text()
             row = [s.label, f"{s.params / 1e6:.2f} M", f"{s.param_bytes / 2**20:.1f} MiB",
                    "-" if s.flops is None else f"{s.flops / 1e9:.2f}",
                    "-" if s.latency_ms is None else f"{s.latency_ms:.1f}", speed]
@@ -490,12 +517,24 @@ class RecipeResult:
                  "| " + " | ".join(header) + " |",
                  "|---|" + "--:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines += ["", f"Latency: median of timed forwards on one evaluation batch, "
-                  f"{self.threads} thread(s); fidelity against the original on held-out data.",
+        lines += ["", self.timing_note() + " Fidelity: against the original on held-out data.",
                   "Gates: " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
                   + (" (all passed)" if self.passed else
                      " (FAILED: " + "; ".join(self.failures) + ")")]
         return "\n".join(lines) + "\n"
+
+    def timing_note(self) -> str:
+        """How the latency and speedup columns were measured, and on what: one paragraph."""
+        if self.timing is None:
+            return f"Latency: not timed ({self.threads} thread(s))."
+        from leantorch.measure.hardware import machine_summary
+
+        t = self.timing
+        where = machine_summary(self.machine) if self.machine else f"{t['threads']} thread(s)"
+        return (f"Latency: median ms over {t['rounds']} interleaved rounds on one evaluation "
+                f"batch, every stage timed once per round in a rotated order after "
+                f"{t['warmup']} warm-up calls; speedup: median [quartiles] of the per-round "
+                f"ratio original / stage. Timed on {where}.")
 
     def write(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False
               ) -> dict[str, Path]:
@@ -522,26 +561,53 @@ class RecipeResult:
         return {key: out / name for key, name in names.items()}
 
 
-def _measure(label: str, model: nn.Module, example_inputs: Any, latency_runs: int,
+def _measure(label: str, model: nn.Module, example_inputs: Any,
              fidelity: Fidelity | None = None) -> Stage:
     from leantorch.compress.change import summarize
-    from leantorch.measure import time_callable
 
     summary = summarize(model, example_inputs)
-    latency = None
-    if latency_runs:
-        args, kwargs = _as_call(example_inputs)
-        training = model.training
-        model.eval()
+    return Stage(label, summary.params, summary.param_bytes, summary.flops, summary.macs,
+                 None, fidelity, model=model)
 
-        def forward() -> None:
+
+_WARMUP = 2
+
+
+def _time_stages(stages: list[Stage], example_inputs: Any, rounds: int) -> dict[str, Any]:
+    """Time every stage's model on ``example_inputs`` in ``rounds`` interleaved rounds with the
+    original (the first stage) and fill in each stage's latency and speedup. Stages are timed
+    together at the end, not one after another as they are made: a ratio of two times taken
+    minutes apart carries whatever changed on the machine in between."""
+    from leantorch.measure.latency import compare_interleaved
+
+    args, kwargs = _as_call(example_inputs)
+
+    def forward(model: nn.Module) -> Any:
+        def call() -> None:
             with torch.no_grad():
                 model(*args, **kwargs)
+        return call
 
-        latency = time_callable(forward, runs=latency_runs, warmup=2).median_ms
-        model.train(training)
-    return Stage(label, summary.params, summary.param_bytes, summary.flops, summary.macs,
-                 latency, fidelity)
+    models = [s.model for s in stages]
+    modes = [m.training for m in models]
+    first = next(iter(models[0].parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        for m in models:
+            m.eval()
+        comparison = compare_interleaved({str(i): forward(m) for i, m in enumerate(models)},
+                                         baseline="0", rounds=rounds, warmup=_WARMUP,
+                                         device=device)
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    for i, stage in enumerate(stages):
+        entry = comparison[str(i)]
+        stage.latency_ms, stage.latency, stage.speedup = entry.median_ms, entry.latency, \
+            entry.speedup
+    return {"rounds": comparison.rounds, "warmup": comparison.warmup,
+            "order": comparison.order, "threads": comparison.threads,
+            "device": comparison.device, "baseline": stages[0].label}
 
 
 def run_recipe(
@@ -562,7 +628,8 @@ def run_recipe(
             the fine-tune.
         evaluation: held-out model inputs on which every stage is verified against ``model``.
         example_inputs: one batch for FLOPs and latency.
-        latency_runs: timed forwards per stage (0: no timing).
+        latency_runs: interleaved timing rounds; each round times every stage's model once,
+            original included (0: no timing).
 
     Raises:
         GateFailure: a gate failed; ``error.result`` holds the full :class:`RecipeResult`.
@@ -578,6 +645,10 @@ def run_recipe(
     for index, gate in enumerate(recipe.gates):
         for key in ("min", "max"):
             _number(f"recipe.gates[{index}] ({gate.metric})", key, getattr(gate, key))
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
+        # checked now, not after the transforms and fine-tunes have run
+        raise LeanError(f"run_recipe: latency_runs must be an integer >= 0 (timing rounds; 0: "
+                        f"no timing), got {latency_runs!r}")
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
                     progress, source)
@@ -586,21 +657,22 @@ def run_recipe(
 def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
          evaluation: Sequence[Any], example_inputs: Any, latency_runs: int, progress: bool,
          source: str) -> RecipeResult:
-    stages = [_measure("original", model, example_inputs, latency_runs)]
+    from leantorch.measure.hardware import machine_info
+
+    stages = [_measure("original", model, example_inputs)]
     changes: list[Change] = []
     current = model
     history: list[float] = []
-    transformed = False
     steps = list(recipe.steps)
     if recipe.finetune is not None and recipe.finetune.steps > 0:
         steps.append(Step(None, {}, recipe.finetune))
     for index, step in enumerate(steps):
         if progress:
             print(f"  step {index + 1}/{len(steps)}: {step.label}", flush=True)
+        # every step makes a new model and leaves the previous stage's alone (the caller's
+        # model is the first of them), so each stage keeps the model it was verified with
         if step.finetune is not None:
-            if not transformed:  # never train the caller's model
-                current = copy.deepcopy(current)
-                transformed = True
+            current = copy.deepcopy(current)
             ft = step.finetune
             history += distill(current, model, calibration, steps=ft.steps, lr=ft.lr,
                                loss=ft.loss, weight_decay=ft.weight_decay, progress=progress)
@@ -611,16 +683,15 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
                 kwargs["calibration"] = list(calibration)
             if accepts(fn, "example_inputs"):
                 kwargs["example_inputs"] = example_inputs
-            # the first transform copies the caller's model; later steps edit that copy
-            current, change = fn(current, inplace=transformed, **kwargs)
-            transformed = True
+            current, change = fn(current, inplace=False, **kwargs)
             changes.append(change)
         fidelity = verify(model, current, evaluation, task=recipe.task)
         label = f"+ {step.label}" if step.finetune is not None else step.label
-        stages.append(_measure(label, current, example_inputs, latency_runs, fidelity))
+        stages.append(_measure(label, current, example_inputs, fidelity))
+    timing = _time_stages(stages, example_inputs, latency_runs) if latency_runs else None
     failures = [f for f in (g.check(stages[-1].fidelity) for g in recipe.gates) if f]
     result = RecipeResult(recipe, current, stages, changes, history, failures,
-                          torch.get_num_threads(), source)
+                          torch.get_num_threads(), source, timing, machine_info())
     if failures:
         error = GateFailure(failures, stages[-1].fidelity, step=f"recipe {recipe.name!r}")
         error.result = result

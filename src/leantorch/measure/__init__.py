@@ -7,7 +7,15 @@ peak memory, latency and a roofline view, per module, counted at the aten-op lev
 """
 
 from leantorch.measure.formulas import Cost, OpCall, attention_pairs, register_formula
-from leantorch.measure.latency import Latency, time_callable
+from leantorch.measure.hardware import machine_info, machine_summary
+from leantorch.measure.latency import (
+    CandidateTiming,
+    Comparison,
+    Latency,
+    Spread,
+    compare_interleaved,
+    time_callable,
+)
 from leantorch.measure.profile import count_params, profile
 from leantorch.measure.report import (
     CostReport,
@@ -20,6 +28,8 @@ from leantorch.measure.roofline import DATASHEETS, DeviceSpec, calibrate
 
 __all__ = [
     "DATASHEETS",
+    "CandidateTiming",
+    "Comparison",
     "Cost",
     "CostReport",
     "DeviceSpec",
@@ -29,9 +39,13 @@ __all__ = [
     "OpCall",
     "ParamCount",
     "PhaseCost",
+    "Spread",
     "attention_pairs",
     "calibrate",
+    "compare_interleaved",
     "count_params",
+    "machine_info",
+    "machine_summary",
     "profile",
     "register_formula",
     "time_callable",

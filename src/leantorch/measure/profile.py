@@ -22,6 +22,7 @@ from leantorch.measure.counter import (
     path_depth,
     storage_key,
 )
+from leantorch.measure.hardware import machine_info
 from leantorch.measure.latency import time_callable
 from leantorch.measure.report import (
     CostReport,
@@ -161,11 +162,14 @@ def profile(
                 what = "forward (no_grad)"
             timing = time_callable(step, runs=runs, warmup=warmup, device=device, what=what)
         training = model.training
+        machine = machine_info()  # inside: the thread count the run used
 
-    return _build_report(
+    report = _build_report(
         model, args, kwargs, params, buffers, input_tensors, tracker, mode, memory, saved,
         spec, timing, training, backward, device_peak, notes,
     )
+    report.machine = machine
+    return report
 
 
 # --------------------------------------------------------------------------- helpers

@@ -181,6 +181,7 @@ class CostReport:
     ops: dict[str, dict[str, int]]
     uncounted: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    machine: dict[str, Any] | None = None  # measure.hardware.machine_info() where it ran
 
     # ---- shortcuts
     @property
@@ -222,6 +223,7 @@ class CostReport:
             "ops": self.ops,
             "uncounted": self.uncounted,
             "notes": list(self.notes),
+            "machine": self.machine,
         }
 
     def to_json(self, path: str | os.PathLike[str] | None = None, indent: int = 2) -> str:

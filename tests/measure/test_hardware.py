@@ -1,0 +1,128 @@
+"""The machine block: /proc/cpuinfo parsing on sample texts, this machine's fields, and the
+graceful answer where there is no /proc/cpuinfo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leantorch.measure import hardware, machine_info, machine_summary
+from leantorch.measure.hardware import X86_FEATURES, parse_cpuinfo
+
+ZEN4_FLAGS = (
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr "
+    "sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl "
+    "nonstop_tsc cpuid extd_apicid aperfmperf rapl pni pclmulqdq monitor ssse3 fma cx16 pcid "
+    "sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand lahf_lm cmp_legacy svm "
+    "extapic cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw ibs skinit wdt tce topoext "
+    "perfctr_core perfctr_nb bpext perfctr_llc mwaitx cpb cat_l3 cdp_l3 hw_pstate ssbd mba "
+    "perfmon_v2 ibrs ibpb stibp ibrs_enhanced vmmcall fsgsbase bmi1 avx2 smep bmi2 erms invpcid "
+    "cqm rdt_a avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni "
+    "avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc avx512_bf16 clzero "
+    "irperf xsaveerptr rdpru wbnoinvd amd_ppin cppc arat npt lbrv svm_lock nrip_save "
+    "tsc_scale vmcb_clean flushbyasid decodeassists pausefilter pfthreshold avic "
+    "v_vmsave_vmload vgif x2avic v_spec_ctrl vnmi avx512vbmi umip pku ospke avx512_vbmi2 gfni "
+    "vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq la57 rdpid overflow_recov "
+    "succor smca fsrm flush_l1d")
+SPR_FLAGS = (
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi "
+    "mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc art arch_perfmon "
+    "pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf tsc_known_freq pni "
+    "pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid dca "
+    "sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand lahf_lm "
+    "abm 3dnowprefetch cpuid_fault epb cat_l3 cat_l2 cdp_l3 invpcid_single intel_ppin cdp_l2 "
+    "ssbd mba ibrs ibpb stibp ibrs_enhanced tpr_shadow flexpriority ept vpid ept_ad fsgsbase "
+    "tsc_adjust bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a avx512f avx512dq rdseed adx smap "
+    "avx512ifma clflushopt clwb intel_pt avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec "
+    "xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local split_lock_detect "
+    "avx_vnni avx512_bf16 wbnoinvd dtherm ida arat pln pts hfi vnmi avx512vbmi umip pku ospke "
+    "waitpkg avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg tme avx512_vpopcntdq "
+    "la57 rdpid bus_lock_detect cldemote movdiri movdir64b enqcmd fsrm md_clear serialize "
+    "tsxldtrk pconfig arch_lbr ibt amx_bf16 avx512_fp16 amx_tile amx_int8 flush_l1d "
+    "arch_capabilities")
+
+
+def cpuinfo(vendor: str, model: str, flags: str, cores: list[tuple[int, int]]) -> str:
+    """A /proc/cpuinfo text with one entry per (physical id, core id) pair."""
+    entries = []
+    for index, (socket, core) in enumerate(cores):
+        entries.append(f"processor\t: {index}\nvendor_id\t: {vendor}\ncpu family\t: 25\n"
+                       f"model name\t: {model}\nphysical id\t: {socket}\n"
+                       f"core id\t\t: {core}\nflags\t\t: {flags}\n")
+    return "\n".join(entries)
+
+
+def test_zen4_has_vnni_and_bf16_but_no_amx() -> None:
+    # 2 sockets x 2 cores x 2 SMT threads: 8 logical CPUs on 4 physical cores
+    text = cpuinfo("AuthenticAMD", "AMD EPYC 9654 96-Core Processor", ZEN4_FLAGS,
+                   [(s, c) for s in (0, 1) for c in (0, 1)] * 2)
+    info = parse_cpuinfo(text)
+    assert info["model"] == "AMD EPYC 9654 96-Core Processor"
+    assert info["vendor"] == "AuthenticAMD"
+    assert info["logical_cpus"] == 8 and info["physical_cores"] == 4
+    assert info["features"] == {"avx2": True, "avx512f": True, "avx512_vnni": True,
+                                "avx_vnni": False, "avx512_bf16": True, "amx_bf16": False,
+                                "amx_int8": False, "amx_tile": False}
+
+
+def test_sapphire_rapids_has_every_matrix_feature() -> None:
+    text = cpuinfo("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+", SPR_FLAGS, [(0, 0), (0, 1)])
+    info = parse_cpuinfo(text)
+    assert info["vendor"] == "GenuineIntel" and info["logical_cpus"] == 2
+    assert info["features"] == dict.fromkeys(X86_FEATURES, True)
+    summary = machine_summary({"cpu": info, "torch_cpu_capability": "AVX512", "threads": 2})
+    assert summary == ("Intel(R) Xeon(R) Platinum 8480+ (AVX-512 VNNI, AVX-VNNI, AVX512-BF16, "
+                       "AMX), torch CPU capability AVX512, 2 threads")
+
+
+def test_arm_and_featureless_texts() -> None:
+    arm = ("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes pmull sha1 "
+           "sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp i8mm bf16\n"
+           "CPU implementer\t: 0x41\nCPU part\t: 0xd40\n\nprocessor\t: 1\nFeatures\t: fp\n")
+    info = parse_cpuinfo(arm)
+    assert info["vendor"] == "0x41" and info["logical_cpus"] == 2
+    assert info["physical_cores"] is None and info["model"] is None
+    assert info["features"] == {"asimd": True, "asimddp": True, "i8mm": True, "bf16": True,
+                                "sve": False, "sve2": False, "sme": False}
+    assert parse_cpuinfo("")["features"] is None  # unknown, not "absent"
+    bare = {"cpu": {**parse_cpuinfo(""), "model": "x"}, "threads": 1}
+    assert machine_summary(bare) == "x (features unknown), 1 thread"
+
+
+def test_this_machine_block_is_complete_typed_and_json() -> None:
+    info = machine_info()
+    assert json.loads(json.dumps(info)) == info
+    cpu = info["cpu"]
+    assert isinstance(cpu["model"], str) and cpu["model"]
+    assert isinstance(cpu["logical_cpus"], int) and cpu["logical_cpus"] >= 1
+    assert isinstance(cpu["available_cpus"], int) and cpu["available_cpus"] >= 1
+    assert info["threads"] == torch.get_num_threads()
+    assert info["torch"] == torch.__version__
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if cpu["source"] == "/proc/cpuinfo" and cpu["features"] is not None:
+        assert all(isinstance(v, bool) for v in cpu["features"].values())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert machine_info()["threads"] == 1  # read at the call, not cached
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_without_proc_cpuinfo_the_block_degrades(monkeypatch) -> None:
+    hardware.cpu_info.cache_clear()
+    monkeypatch.setattr(hardware.sys, "platform", "darwin")
+    try:
+        cpu = hardware.cpu_info()
+        assert cpu["source"] == "platform" and cpu["features"] is None
+        assert isinstance(cpu["model"], str) and cpu["model"]
+        assert cpu["logical_cpus"] is None or cpu["logical_cpus"] >= 1
+    finally:
+        hardware.cpu_info.cache_clear()
+
+
+@pytest.mark.skipif(not hardware.sys.platform.startswith("linux"), reason="reads /proc")
+def test_on_linux_the_block_is_read_from_proc() -> None:
+    assert hardware.cpu_info()["source"] == "/proc/cpuinfo"
