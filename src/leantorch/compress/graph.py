@@ -432,9 +432,11 @@ def _leaf_outputs(model: nn.Module, leaves: dict[str, nn.Module], args: tuple[An
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-            leaf_modules: Sequence[str]) -> Any:
-    """torch.export the model (eval mode, leaf modules swapped for opaque stand-ins, all
-    restored afterwards)."""
+            leaf_modules: Sequence[str], training: bool = False) -> Any:
+    """torch.export the model in eval mode (``training``: in training mode), leaf modules
+    swapped for opaque stand-ins, all restored afterwards. The leaves' output shapes are
+    recorded on one eval-mode forward in both modes (a training-mode forward would update
+    BatchNorm statistics)."""
     from leantorch.compress.change import get_module, replace_module
 
     leaves = {}
@@ -446,7 +448,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
         except LeanError as error:
             raise LeanError(f"leaf_modules: no module at path {path!r} in "
                             f"{type(model).__name__}") from error
-    training = model.training
+    was_training = model.training
     model.eval()
     swapped: list[str] = []
     handles: list[Any] = []
@@ -458,8 +460,12 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             replace_module(model, path, _LeafStandIn(id(module), spec, path))
             swapped.append(path)
         stack, handles = _module_path_stack(model)
+        model.train(training)
         try:
-            return torch.export.export(model, args, kwargs, strict=False)
+            # fake tensors run the forward, so buffers keep their values; the RNG is forked
+            # anyway so that tracing dropout never shifts the caller's random stream
+            with torch.random.fork_rng(devices=[]):
+                return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
             raise _untraceable(model, stack, error) from error
     finally:
@@ -469,7 +475,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             replace_module(model, path, leaves[path])
         for module in leaves.values():
             _LEAF_OUTPUTS.pop(id(module), None)
-        model.train(training)
+        model.train(was_training)
 
 
 def _untraceable(model: nn.Module, stack: list[str], error: Exception) -> LeanError:
@@ -577,6 +583,8 @@ class _Propagator:
         self.values: dict[torch.fx.Node, Any] = {}
         self.scopes: dict[str, list[Term]] = {}  # module path -> terms produced in it
         self.norms: list[tuple[str, list[Term]]] = []  # (module, normalised dims) of norms
+        self.weight_nodes: set[torch.fx.Node] = set()  # placeholders holding a param / buffer
+        self.used: set[str] = set()  # params / buffers some traced op reads
 
     # ---- helpers
     def value(self, arg: Any) -> Any:
@@ -612,11 +620,23 @@ class _Propagator:
 
     # ---- main loop
     def run(self, graph: torch.fx.Graph, inputs: dict[str, Any] | None = None) -> Any:
+        """Propagate through ``graph`` (the program's, or a wrapped subgraph fed ``inputs``);
+        returns the terms of the user outputs. Several programs (the eval- and training-mode
+        traces) may run through one propagator: a parameter seen again is unified with its
+        earlier terms, so both forwards' couplings land in one graph."""
         signature = self.program.graph_signature if inputs is None else None
         kinds: dict[str, tuple[str, str | None]] = {}
+        mutated: dict[int, str] = {}  # output position -> buffer it writes back
+        user_outputs: list[int] | None = None
         if signature is not None:
             for spec in signature.input_specs:
                 kinds[spec.arg.name] = (spec.kind.name, spec.target)
+            user_outputs = []
+            for i, spec in enumerate(signature.output_specs):
+                if spec.kind.name == "USER_OUTPUT":
+                    user_outputs.append(i)
+                elif spec.kind.name == "BUFFER_MUTATION" and spec.target:
+                    mutated[i] = spec.target
         tensors = {}
         if signature is not None:
             tensors = dict(self.model.named_parameters(remove_duplicate=False))
@@ -632,8 +652,16 @@ class _Propagator:
                 kind, target = kinds.get(node.name, ("USER_INPUT", None))
                 if kind in ("PARAMETER", "BUFFER") and isinstance(val, torch.Tensor):
                     terms = self.fresh(_shape_of(val))
-                    self.param_terms[target] = terms
+                    if target in self.param_terms:  # seen by an earlier trace: same tensor
+                        for a, b in zip(self.param_terms[target], terms, strict=True):
+                            self.unify(a, b, f"{target} in both traced modes")
+                    else:
+                        self.param_terms[target] = terms
                     self.values[node] = terms
+                    self.weight_nodes.add(node)
+                    if any(not (u.op == "call_function" and _op_name(u.target) in _IGNORED)
+                           for u in node.users):
+                        self.used.add(target)
                     tensor = tensors.get(target)
                     if tensor is not None:
                         # tied tensors (one storage, two names) may appear as two placeholders
@@ -652,6 +680,14 @@ class _Propagator:
                     self.scopes.setdefault(module, []).extend(out)
             elif node.op == "output":
                 outputs = self.value(node.args[0])
+                if user_outputs is not None and isinstance(outputs, list | tuple):
+                    for i, buffer in mutated.items():  # a buffer's new value: the same axes
+                        written = outputs[i] if i < len(outputs) else None
+                        if isinstance(written, list) and buffer in self.param_terms and \
+                                len(written) == len(self.param_terms[buffer]):
+                            for a, b in zip(written, self.param_terms[buffer], strict=True):
+                                self.unify(a, b, f"{buffer} written back")
+                    outputs = [outputs[i] for i in user_outputs if i < len(outputs)]
             elif node.op == "get_attr":
                 self.values[node] = None
         return outputs
@@ -837,8 +873,7 @@ def _is_weight(p: _Propagator, node: Any, depth: int = 6) -> bool:
         if not isinstance(node, torch.fx.Node):
             return False
         if node.op == "placeholder":
-            value = p.values.get(node)
-            return any(value is terms for terms in p.param_terms.values())
+            return node in p.weight_nodes
         if node.op != "call_function" or not node.args:
             return False
         name = _op_name(node.target)
@@ -1539,9 +1574,11 @@ class DependencyGraph:
     :func:`build_graph`; it holds no reference to the model's tensors' values."""
 
     def __init__(self, model: nn.Module, propagator: _Propagator, program: Any,
-                 leaf_modules: Sequence[str]) -> None:
+                 leaf_modules: Sequence[str], unseen_reason: str = "no traced forward reads it",
+                 modes: Sequence[str] = ("eval",)) -> None:
         self.program = program
         self.leaf_modules = list(leaf_modules)
+        self.modes = list(modes)  # the modes whose traces are merged in this graph
         self._dims = propagator.dims
         self._attention = propagator.attention
         self._scopes = propagator.scopes
@@ -1557,10 +1594,17 @@ class DependencyGraph:
         for path, module in model.named_modules():
             self._module_types[path] = type(module).__name__
         self._moe_rule(model, propagator)
+        # both traces record the same attention ops and norms: keep each once
+        resolve = propagator.dims.resolve
+        self._attention = list({(a["module"], resolve(a["heads"]), resolve(a["kv_heads"])): a
+                                for a in self._attention}.values())
+        self._norms = list({(m, tuple(resolve(t) for t in terms)): (m, terms)
+                            for m, terms in self._norms}.values())
+        self.unseen = self._unseen(model, named, aliases, propagator, unseen_reason)
         seen: set[int] = set()
         for name, terms in propagator.param_terms.items():
             tensor = named.get(name)
-            if tensor is None or id(tensor) in seen:
+            if tensor is None or id(tensor) in seen or name in self.unseen:
                 continue  # tied tensors: one entry per storage, the other names as aliases
             seen.add(id(tensor))
             names = aliases[id(tensor)]
@@ -1575,6 +1619,31 @@ class DependencyGraph:
         self._sublayers = _find_sublayers(program, propagator, model)
 
     # ---- construction
+    @staticmethod
+    def _unseen(model: nn.Module, named: dict[str, torch.Tensor], aliases: dict[int, list[str]],
+                p: _Propagator, reason: str) -> dict[str, str]:
+        """Tensors no traced forward reads (a training-only head the training trace did not
+        reach, a dead parameter): the graph cannot place their dimensions, so they are never
+        cut. A module that also holds tensors the trace did see keeps those whole as well
+        (cutting a Linear's weight but not its unread bias would leave it inconsistent)."""
+        unseen: dict[str, str] = {}
+        for name in p.param_terms:
+            tensor = named.get(name)
+            if tensor is None or tensor.dim() == 0:
+                continue
+            if not any(n in p.used for n in aliases.get(id(tensor), [name])):
+                unseen[name] = reason
+        unseen_params = {n for n in unseen if isinstance(named[n], nn.Parameter)}
+        for name in unseen_params:
+            module = name.rpartition(".")[0]
+            why = (f"{module or '(model)'} also holds {name}, which {reason}: its tensors are "
+                   "kept whole")
+            for other, terms in p.param_terms.items():
+                if other not in unseen and other.rpartition(".")[0] == module:
+                    for term in terms:
+                        p.dims.block(term, why)
+        return unseen
+
     def _moe_rule(self, model: nn.Module, p: _Propagator) -> None:
         by_parent: dict[tuple[str, int], list[str]] = {}
         for path, module in model.named_modules():
@@ -1997,4 +2066,20 @@ def build_graph(model: nn.Module, example_inputs: Any, *,
     propagator = _Propagator(program, model)
     outputs = propagator.run(program.graph)
     propagator.block_value(outputs, "reaches a model output")
-    return DependencyGraph(model, propagator, program, leaves)
+    # The training-mode forward may run modules the eval-mode one never reaches (an auxiliary
+    # head, a distillation projection): trace it too and merge its couplings, so that such a
+    # module is cut together with the layer feeding it.
+    modes = ["eval"]
+    unseen_reason = "neither the eval- nor the training-mode forward reads it"
+    try:
+        train_program = _export(model, args, kwargs, leaves, training=True)
+    except LeanError as error:
+        unseen_reason = (f"the eval-mode forward does not read it (and the training-mode "
+                         f"forward could not be traced: {str(error)[:200]})")
+    else:
+        modes.append("train")
+        propagator.program = train_program
+        train_outputs = propagator.run(train_program.graph)
+        propagator.program = program
+        propagator.block_value(train_outputs, "reaches a model output (training mode)")
+    return DependencyGraph(model, propagator, program, leaves, unseen_reason, modes)
