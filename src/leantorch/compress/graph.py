@@ -1240,6 +1240,24 @@ def _sum_part(p: _Propagator, term: Term, start: int, end: int, where: str) -> T
     return p.dims.resolve(pieces[bounds.index(start)])
 
 
+@_rule("aten.roll")
+def _roll(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[Term]:
+    """A cyclic shift along some dimensions (Swin's shifted windows roll the spatial axes).
+    The other dimensions pass through untouched. Along a rolled dimension index ``i`` moves to
+    ``(i + shift) % size``: once units are cut the same shift on the shorter axis moves them
+    elsewhere, so a rolled dimension is never cut (and a roll without ``dims``, over the
+    flattened tensor, fixes every dimension)."""
+    x = list(_terms(p, node.args[0]))
+    args = _bind(node)
+    dims = args.get("dims") or []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = [_dim(d, len(x)) for d in dims] if dims else list(range(len(x)))
+    for d in rolled:
+        p.dims.block(x[d], f"{where}: rolled along this dimension (the shift depends on its "
+                     "length)")
+    return x
+
+
 @_rule("aten.narrow")
 def _narrow(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[Term]:
     x = list(_terms(p, node.args[0]))
@@ -1759,6 +1777,18 @@ class DependencyGraph:
         """Groups that cut the tensor ``tensor`` (a state-dict name)."""
         return [g for g in self._groups if any(tensor == t.tensor or tensor in t.aliases
                                                for t in g.tensors)]
+
+    def groups_in(self, path: str) -> list[Group]:
+        """Groups whose dimension a value computed in the forward of the module at ``path`` (or
+        of its submodules) lies in ("" is the whole model): what a size hard-coded in that
+        forward could disagree with once cut. Its inputs' groups count only where its own ops
+        reshape or combine them."""
+        roots: set[int] = set()
+        for module, terms in self._scopes.items():
+            if not path or module == path or module.startswith(path + "."):
+                for term in terms:
+                    roots.update(self._dims.atoms(term))
+        return [g for g in self._groups if g.root in roots]
 
     def sublayers(self) -> list[Sublayer]:
         """Residual branches that one module computes entirely (see :class:`Sublayer`)."""
