@@ -302,7 +302,8 @@ class Group:
     MLP, gated pairs included), ``"channels"`` (CNN channels, residual stages included),
     ``"width"`` (a transformer's embedding / residual width), ``"experts"``, ``"head_dim"``
     (the size of each head: never cut, listed for completeness), ``"kernel"`` (a conv
-    kernel window: never cut) or ``"other"``.
+    kernel window: never cut), ``"gates"`` (an LSTM's four gate blocks: never cut) or
+    ``"other"``.
     """
 
     id: int
@@ -1046,6 +1047,47 @@ def _group_norm(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> An
     return list(x)
 
 
+@_rule("aten.lstm")
+def _lstm(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[list[Term]]:
+    """``nn.LSTM`` (one op for all layers and directions). Its hidden size ``H`` is one index
+    space for every layer and direction (the module has one ``hidden_size``): the rows of
+    ``weight_ih`` / ``weight_hh`` and both biases are ``4 gates x H`` (gate-major: input,
+    forget, cell, output), the columns of ``weight_hh`` are ``H``, a deeper layer's
+    ``weight_ih`` columns are the previous layer's output (``H``, or ``H + H`` when
+    bidirectional), and so are the output's features and the last axis of ``h_n`` / ``c_n``.
+    The first layer's ``weight_ih`` columns are the input's features. Cutting hidden unit ``u``
+    is exact: with zero initial state a unit whose gate rows are zero keeps ``c = h = 0``."""
+    if _op_name(node.target) != "aten.lstm" or "batch_first" not in _bind(node):
+        raise _Unsupported("packed sequences")
+    args = _bind(node)
+    x = _terms(p, args["input"])
+    hx = [_terms(p, h) for h in args["hx"]]
+    params = [_terms(p, w) for w in args["params"]]
+    layers, dirs = int(args["num_layers"]), 2 if args["bidirectional"] else 1
+    per = 4 if args["has_biases"] else 2
+    if len(params) != layers * dirs * per:
+        raise _Unsupported("LSTM with proj_size (a projected hidden state)")
+    size = p.dims.size(params[1][1])  # weight_hh_l0: (4H, H)
+    hidden = p.dims.new(size)
+    gates = p.dims.new(4, f"{where}: the four LSTM gates")
+    p.dims.tag(gates, "gates")
+    rows = _normalize("p", (gates, hidden))
+    features = x[-1]
+    for layer in range(layers):
+        for direction in range(dirs):
+            tensors = params[(layer * dirs + direction) * per:][:per]
+            p.unify(tensors[0][1], features, where)  # weight_ih columns: this layer's input
+            p.unify(tensors[1][1], hidden, where)  # weight_hh columns: the hidden state
+            for t in tensors:
+                p.unify(t[0], rows, where)
+        features = _normalize("s", (hidden,) * dirs)
+    for h in hx:
+        p.unify(h[-1], hidden, where)
+    output = [*x[:-1], features]
+    return [output, *(list(h) for h in hx)] if len(hx) == 2 else \
+        [output, *p.fresh_like(list(val[1:]))]
+
+
 @_rule("aten.embedding")
 def _embedding(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[Term]:
     w, ids = _terms(p, node.args[0]), _terms(p, node.args[1])
@@ -1568,6 +1610,10 @@ def _role(module: nn.Module, tensor_name: str, dim: int, ndim: int) -> str:
         return "bias"
     if isinstance(module, nn.Embedding):
         return "out" if dim == 1 else "rows"
+    if isinstance(module, nn.RNNBase):  # weight_ih / weight_hh: (gates x hidden, in / hidden)
+        if tensor_name.startswith("weight"):
+            return "out" if dim == 0 else "in"
+        return "bias"
     if _is_norm(module):
         if tensor_name in ("weight", "bias"):
             return "norm"
@@ -1743,6 +1789,8 @@ class DependencyGraph:
             return "head_dim"
         if "kernel" in tags:
             return "kernel"
+        if "gates" in tags:
+            return "gates"
         types = [self._module_types.get(m.module, "") for m in members]
         convs = len({m.module for m, t in zip(members, types, strict=True)
                      if t.startswith("Conv") and t != "Conv1D"})
