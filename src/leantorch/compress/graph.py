@@ -45,6 +45,7 @@ import inspect
 import itertools
 import operator
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -465,7 +466,9 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
         try:
             # fake tensors run the forward, so buffers keep their values; the RNG is forked
             # anyway so that tracing dropout never shifts the caller's random stream
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # nn.LSTM re-caches its weights in forward; export warns about that list
+                warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
                 return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
             raise _untraceable(model, stack, error) from error
