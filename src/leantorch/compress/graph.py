@@ -1830,16 +1830,18 @@ class DependencyGraph:
                                                for t in g.tensors)]
 
     def groups_in(self, path: str) -> list[Group]:
-        """Groups whose dimension a value computed in the forward of the module at ``path`` (or
-        of its submodules) lies in ("" is the whole model): what a size hard-coded in that
-        forward could disagree with once cut. Its inputs' groups count only where its own ops
-        reshape or combine them."""
+        """Groups that reach into the module at ``path`` ("" is the whole model): a tensor of it
+        or of a submodule, or a value computed in its forward, lies in their dimension. These
+        are what a size hard-coded in that forward could disagree with once cut."""
+        def inside(module: str) -> bool:
+            return not path or module == path or module.startswith(path + ".")
         roots: set[int] = set()
         for module, terms in self._scopes.items():
-            if not path or module == path or module.startswith(path + "."):
+            if inside(module):
                 for term in terms:
                     roots.update(self._dims.atoms(term))
-        return [g for g in self._groups if g.root in roots]
+        return [g for g in self._groups if g.root in roots or
+                any(inside(t.module) for t in g.tensors)]
 
     def sublayers(self) -> list[Sublayer]:
         """Residual branches that one module computes entirely (see :class:`Sublayer`)."""

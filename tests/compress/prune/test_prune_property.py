@@ -62,7 +62,8 @@ class Piece(nn.Module):
         if self.kind == "split":
             if not self.k:
                 return torch.relu(self.f(x))
-            first, rest = torch.split(x, [self.k, x.shape[1] - self.k], dim=1)
+            k = self.f.weight.shape[1]  # read from the layer, so it follows a cut
+            first, rest = torch.split(x, [k, x.shape[1] - k], dim=1)
             return torch.cat([torch.relu(self.f(first)), rest], dim=1)
         return self.n(x)
 

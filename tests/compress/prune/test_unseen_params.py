@@ -195,8 +195,10 @@ def test_a_hard_coded_size_error_names_the_module_and_the_groups_to_leave_whole(
     message = str(error.value)
     assert "the module at 'mix' (HardCodedReshape) raised RuntimeError" in message
     assert "shape '[2, 5, 4, 8]' is invalid" in message
-    assert "per_layer={'neurons mix.q #1': 0, 'neurons mix.q #2': 0}" in message
-    assert "ignore=['mix.q']" in message and "neurons inp" not in message
+    # the groups reaching into the module: its reshaped rows, and the input its q reads
+    assert "per_layer={'neurons inp': 0, 'neurons mix.q #1': 0, 'neurons mix.q #2': 0}" \
+        in message
+    assert "ignore=['inp', 'mix.q']" in message
     # the advice works: the rest still prunes
     pruned, change = prune_structured(model, ratio=0.5, units="neurons", example_inputs=x,
                                       ignore=["mix.q"])
@@ -204,3 +206,34 @@ def test_a_hard_coded_size_error_names_the_module_and_the_groups_to_leave_whole(
     assert pruned.inp.weight.shape == (8, 16) and pruned.mix.q.weight.shape == (32, 8)
     reference = masked(model, x, change.details["removed"])
     torch.testing.assert_close(outputs(pruned, x, False)[0], outputs(reference, x, False)[0])
+
+
+class ConstantSplit(nn.Module):
+    """Splits its input at a constant (2) and feeds the first part to ``f``: the failure shows
+    in ``f`` but the constant lives in this module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, rest = torch.split(x, [2, x.shape[1] - 2], dim=1)
+        return torch.cat([self.f(first), rest], dim=1)
+
+
+def test_a_constant_split_feeding_a_module_names_the_groups_reaching_into_it(
+) -> None:
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), ConstantSplit(), nn.Linear(7, 2)).eval()
+    x = torch.randn(4, 3)
+    with pytest.raises(LeanError) as error:
+        prune_structured(model, ratio=0.5, units="neurons", example_inputs=x)
+    message = str(error.value)
+    assert "the module at '2.f' (Linear) raised RuntimeError" in message
+    # the first part of the split (the columns of f) and f's own rows
+    advice = "per_layer={'neurons 0 #1': 0, 'neurons 2.f': 0}"
+    assert f"the groups cut there are 'neurons 0 #1', 'neurons 2.f': leave them whole with " \
+        f"{advice} or ignore=['0', '2.f']" in message
+    pruned, change = prune_structured(model, ratio=0.5, units="neurons", example_inputs=x,
+                                      per_layer={"neurons 0 #1": 0, "neurons 2.f": 0})
+    assert set(change.details["removed"]) == {"neurons 0 #2"}
+    assert pruned[3].in_features == 5

@@ -221,17 +221,26 @@ def _no_longer_runs(model: nn.Module, graph: DependencyGraph, plan: dict[int, li
                          "per_layer={...: 0}")
     kind = type(model.get_submodule(path)).__name__
     where = f"the module at {path!r} ({kind})" if path else f"the model's own forward ({kind})"
-    groups = [g for g in graph.groups_in(path) if g.id in plan] or \
-        [graph.group(gid) for gid in plan]
+    # the size may be hard-coded around the failing module (a split in its parent feeding it
+    # the wrong width): the innermost enclosing module that computes a cut group names them
+    parts = path.split(".") if path else []
+    scope, groups = path, []
+    for depth in range(len(parts), -1, -1):
+        scope = ".".join(parts[:depth])
+        groups = [g for g in graph.groups_in(scope) if g.id in plan]
+        if groups:
+            break
+    there = "there" if scope == path else \
+        (f"in {scope!r} around it" if scope else "in the model's own forward")
     names = ", ".join(f"{g.name!r}: 0" for g in groups)
     producers = sorted({t.module for g in groups for t in g.tensors
                         if t.role in _OWN_OUTPUT_ROLES})
     return LeanError(
         f"prune.structured: the pruned model no longer runs{mode}: {where} raised "
-        f"{type(error).__name__}: {text}. It keeps a size the graph cannot update (a constant "
-        "in a reshape or view, a size stored outside its tensors); the groups cut there are "
-        f"{', '.join(repr(g.name) for g in groups)}: leave them whole with per_layer={{{names}}}"
-        f" or ignore={producers!r}")
+        f"{type(error).__name__}: {text}. Module code keeps a size the graph cannot update (a "
+        "constant in a reshape, view or split, a size stored outside its tensors); the groups "
+        f"cut {there} are {', '.join(repr(g.name) for g in groups)}: leave them whole with "
+        f"per_layer={{{names}}} or ignore={producers!r}")
 
 
 @register_transform("prune.structured")
