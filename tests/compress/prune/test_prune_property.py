@@ -121,7 +121,7 @@ def outputs(model: nn.Module, x: torch.Tensor, training: bool) -> list[torch.Ten
     return list(out) if isinstance(out, tuple) else [out]
 
 
-piece = st.tuples(st.sampled_from(PIECES), st.integers(1, 6), st.integers(1, 6), st.booleans())
+piece = st.tuples(st.sampled_from(PIECES), st.integers(2, 6), st.integers(2, 6), st.booleans())
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
