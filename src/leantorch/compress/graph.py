@@ -27,6 +27,11 @@ module with an integer ``num_experts`` (or ``num_local_experts``) attribute stac
 experts on the leading dimension of its parameters, and the router beside it (a sibling with
 the same ``num_experts``) has one row per expert.
 
+Both the eval-mode and the training-mode forward are traced and merged into one graph, so a
+module only the training forward runs (an auxiliary head) is coupled with what feeds it.
+Tensors that no traced forward reads cannot be placed: they are never cut and are listed in
+``graph.unseen`` with the reason (a module holding such a parameter keeps all its tensors).
+
 Tracing needs the forward to be traceable by ``torch.export`` (no data-dependent Python
 control flow, no ``.item()`` or numpy round trips). When it is not, the error names the
 innermost module that failed; pass ``leaf_modules=[path]`` to treat that module as a black box
@@ -2130,10 +2135,13 @@ def default_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ..
 def build_graph(model: nn.Module, example_inputs: Any, *,
                 leaf_modules: Sequence[str] | None = None) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs, a dict of
-    keyword inputs, or ``(args, kwargs)``) and group its coupled dimensions.
+    keyword inputs, or ``(args, kwargs)``) in eval and in training mode, and group the coupled
+    dimensions of both forwards. ``graph.modes`` says which modes were traced (only
+    ``["eval"]`` when the training forward cannot be traced) and ``graph.unseen`` maps each
+    tensor no traced forward reads to the reason it is never cut.
 
     ``leaf_modules``: module paths to treat as black boxes (see the module docstring). The model
-    is left as it was (mode, tensors, no hooks)."""
+    is left as it was (mode, tensors, RNG, no hooks)."""
     if not isinstance(model, nn.Module):
         raise LeanTypeError(f"build_graph: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")

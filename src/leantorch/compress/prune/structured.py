@@ -13,9 +13,9 @@ Three separate pieces, in the spirit of Torch-Pruning's design:
 
 :func:`prune_structured` (registered as ``prune.structured``) runs the three and then
 :func:`leantorch.compress.prune.layers.remove_units`, and checks that the pruned model runs
-and gives outputs of the original shapes. :func:`mask_units` is the readable reference: it
-zeroes the same slices in place of removing them; for groups marked ``exact`` the two models
-compute the same function.
+and gives outputs of the original shapes (in eval and training mode). :func:`mask_units` is
+the readable reference: it zeroes the same slices in place of removing them; for groups marked
+``exact`` the two models compute the same function.
 """
 
 from __future__ import annotations
@@ -285,7 +285,11 @@ def prune_structured(
 
     Returns ``(pruned model, Change)``; ``change.details`` lists every group cut (units before
     and after, and ``removed``: the unit indices per group name), the transformers config
-    values updated; ``change.skipped`` the groups left alone and why.
+    values updated; ``change.skipped`` the groups left alone and why, and, under their module's
+    path, the tensors no traced forward (eval or training mode) reads, which are never cut.
+    The pruned model is checked in eval mode and, where the original's training forward runs
+    on ``example_inputs``, in training mode; if it no longer runs, the error names the module
+    that failed and the groups to leave whole.
     """
     ratio = _check_ratio("ratio", ratio)
     max_ratio = float(max_ratio)
