@@ -27,6 +27,11 @@ module with an integer ``num_experts`` (or ``num_local_experts``) attribute stac
 experts on the leading dimension of its parameters, and the router beside it (a sibling with
 the same ``num_experts``) has one row per expert.
 
+Both the eval-mode and the training-mode forward are traced and merged into one graph, so a
+module only the training forward runs (an auxiliary head) is coupled with what feeds it.
+Tensors that no traced forward reads cannot be placed: they are never cut and are listed in
+``graph.unseen`` with the reason (a module holding such a parameter keeps all its tensors).
+
 Tracing needs the forward to be traceable by ``torch.export`` (no data-dependent Python
 control flow, no ``.item()`` or numpy round trips). When it is not, the error names the
 innermost module that failed; pass ``leaf_modules=[path]`` to treat that module as a black box
@@ -45,6 +50,7 @@ import inspect
 import itertools
 import operator
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,7 +308,8 @@ class Group:
     MLP, gated pairs included), ``"channels"`` (CNN channels, residual stages included),
     ``"width"`` (a transformer's embedding / residual width), ``"experts"``, ``"head_dim"``
     (the size of each head: never cut, listed for completeness), ``"kernel"`` (a conv
-    kernel window: never cut) or ``"other"``.
+    kernel window: never cut), ``"gates"`` (an LSTM's four gate blocks: never cut) or
+    ``"other"``.
     """
 
     id: int
@@ -432,9 +439,11 @@ def _leaf_outputs(model: nn.Module, leaves: dict[str, nn.Module], args: tuple[An
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-            leaf_modules: Sequence[str]) -> Any:
-    """torch.export the model (eval mode, leaf modules swapped for opaque stand-ins, all
-    restored afterwards)."""
+            leaf_modules: Sequence[str], training: bool = False) -> Any:
+    """torch.export the model in eval mode (``training``: in training mode), leaf modules
+    swapped for opaque stand-ins, all restored afterwards. The leaves' output shapes are
+    recorded on one eval-mode forward in both modes (a training-mode forward would update
+    BatchNorm statistics)."""
     from leantorch.compress.change import get_module, replace_module
 
     leaves = {}
@@ -446,7 +455,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
         except LeanError as error:
             raise LeanError(f"leaf_modules: no module at path {path!r} in "
                             f"{type(model).__name__}") from error
-    training = model.training
+    was_training = model.training
     model.eval()
     swapped: list[str] = []
     handles: list[Any] = []
@@ -458,8 +467,14 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             replace_module(model, path, _LeafStandIn(id(module), spec, path))
             swapped.append(path)
         stack, handles = _module_path_stack(model)
+        model.train(training)
         try:
-            return torch.export.export(model, args, kwargs, strict=False)
+            # fake tensors run the forward, so buffers keep their values; the RNG is forked
+            # anyway so that tracing dropout never shifts the caller's random stream
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                # nn.LSTM re-caches its weights in forward; export warns about that list
+                warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+                return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
             raise _untraceable(model, stack, error) from error
     finally:
@@ -469,7 +484,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             replace_module(model, path, leaves[path])
         for module in leaves.values():
             _LEAF_OUTPUTS.pop(id(module), None)
-        model.train(training)
+        model.train(was_training)
 
 
 def _untraceable(model: nn.Module, stack: list[str], error: Exception) -> LeanError:
@@ -577,6 +592,8 @@ class _Propagator:
         self.values: dict[torch.fx.Node, Any] = {}
         self.scopes: dict[str, list[Term]] = {}  # module path -> terms produced in it
         self.norms: list[tuple[str, list[Term]]] = []  # (module, normalised dims) of norms
+        self.weight_nodes: set[torch.fx.Node] = set()  # placeholders holding a param / buffer
+        self.used: set[str] = set()  # params / buffers some traced op reads
 
     # ---- helpers
     def value(self, arg: Any) -> Any:
@@ -612,11 +629,23 @@ class _Propagator:
 
     # ---- main loop
     def run(self, graph: torch.fx.Graph, inputs: dict[str, Any] | None = None) -> Any:
+        """Propagate through ``graph`` (the program's, or a wrapped subgraph fed ``inputs``);
+        returns the terms of the user outputs. Several programs (the eval- and training-mode
+        traces) may run through one propagator: a parameter seen again is unified with its
+        earlier terms, so both forwards' couplings land in one graph."""
         signature = self.program.graph_signature if inputs is None else None
         kinds: dict[str, tuple[str, str | None]] = {}
+        mutated: dict[int, str] = {}  # output position -> buffer it writes back
+        user_outputs: list[int] | None = None
         if signature is not None:
             for spec in signature.input_specs:
                 kinds[spec.arg.name] = (spec.kind.name, spec.target)
+            user_outputs = []
+            for i, spec in enumerate(signature.output_specs):
+                if spec.kind.name == "USER_OUTPUT":
+                    user_outputs.append(i)
+                elif spec.kind.name == "BUFFER_MUTATION" and spec.target:
+                    mutated[i] = spec.target
         tensors = {}
         if signature is not None:
             tensors = dict(self.model.named_parameters(remove_duplicate=False))
@@ -632,8 +661,16 @@ class _Propagator:
                 kind, target = kinds.get(node.name, ("USER_INPUT", None))
                 if kind in ("PARAMETER", "BUFFER") and isinstance(val, torch.Tensor):
                     terms = self.fresh(_shape_of(val))
-                    self.param_terms[target] = terms
+                    if target in self.param_terms:  # seen by an earlier trace: same tensor
+                        for a, b in zip(self.param_terms[target], terms, strict=True):
+                            self.unify(a, b, f"{target} in both traced modes")
+                    else:
+                        self.param_terms[target] = terms
                     self.values[node] = terms
+                    self.weight_nodes.add(node)
+                    if any(not (u.op == "call_function" and _op_name(u.target) in _IGNORED)
+                           for u in node.users):
+                        self.used.add(target)
                     tensor = tensors.get(target)
                     if tensor is not None:
                         # tied tensors (one storage, two names) may appear as two placeholders
@@ -652,6 +689,14 @@ class _Propagator:
                     self.scopes.setdefault(module, []).extend(out)
             elif node.op == "output":
                 outputs = self.value(node.args[0])
+                if user_outputs is not None and isinstance(outputs, list | tuple):
+                    for i, buffer in mutated.items():  # a buffer's new value: the same axes
+                        written = outputs[i] if i < len(outputs) else None
+                        if isinstance(written, list) and buffer in self.param_terms and \
+                                len(written) == len(self.param_terms[buffer]):
+                            for a, b in zip(written, self.param_terms[buffer], strict=True):
+                                self.unify(a, b, f"{buffer} written back")
+                    outputs = [outputs[i] for i in user_outputs if i < len(outputs)]
             elif node.op == "get_attr":
                 self.values[node] = None
         return outputs
@@ -837,8 +882,7 @@ def _is_weight(p: _Propagator, node: Any, depth: int = 6) -> bool:
         if not isinstance(node, torch.fx.Node):
             return False
         if node.op == "placeholder":
-            value = p.values.get(node)
-            return any(value is terms for terms in p.param_terms.values())
+            return node in p.weight_nodes
         if node.op != "call_function" or not node.args:
             return False
         name = _op_name(node.target)
@@ -1009,6 +1053,47 @@ def _group_norm(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> An
     if isinstance(val, tuple | list):
         return [list(x)] + [p.fresh_like(v) for v in val[1:]]
     return list(x)
+
+
+@_rule("aten.lstm")
+def _lstm(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[list[Term]]:
+    """``nn.LSTM`` (one op for all layers and directions). Its hidden size ``H`` is one index
+    space for every layer and direction (the module has one ``hidden_size``): the rows of
+    ``weight_ih`` / ``weight_hh`` and both biases are ``4 gates x H`` (gate-major: input,
+    forget, cell, output), the columns of ``weight_hh`` are ``H``, a deeper layer's
+    ``weight_ih`` columns are the previous layer's output (``H``, or ``H + H`` when
+    bidirectional), and so are the output's features and the last axis of ``h_n`` / ``c_n``.
+    The first layer's ``weight_ih`` columns are the input's features. Cutting hidden unit ``u``
+    is exact: with zero initial state a unit whose gate rows are zero keeps ``c = h = 0``."""
+    if _op_name(node.target) != "aten.lstm" or "batch_first" not in _bind(node):
+        raise _Unsupported("packed sequences")
+    args = _bind(node)
+    x = _terms(p, args["input"])
+    hx = [_terms(p, h) for h in args["hx"]]
+    params = [_terms(p, w) for w in args["params"]]
+    layers, dirs = int(args["num_layers"]), 2 if args["bidirectional"] else 1
+    per = 4 if args["has_biases"] else 2
+    if len(params) != layers * dirs * per:
+        raise _Unsupported("LSTM with proj_size (a projected hidden state)")
+    size = p.dims.size(params[1][1])  # weight_hh_l0: (4H, H)
+    hidden = p.dims.new(size)
+    gates = p.dims.new(4, f"{where}: the four LSTM gates")
+    p.dims.tag(gates, "gates")
+    rows = _normalize("p", (gates, hidden))
+    features = x[-1]
+    for layer in range(layers):
+        for direction in range(dirs):
+            tensors = params[(layer * dirs + direction) * per:][:per]
+            p.unify(tensors[0][1], features, where)  # weight_ih columns: this layer's input
+            p.unify(tensors[1][1], hidden, where)  # weight_hh columns: the hidden state
+            for t in tensors:
+                p.unify(t[0], rows, where)
+        features = _normalize("s", (hidden,) * dirs)
+    for h in hx:
+        p.unify(h[-1], hidden, where)
+    output = [*x[:-1], features]
+    return [output, *(list(h) for h in hx)] if len(hx) == 2 else \
+        [output, *p.fresh_like(list(val[1:]))]
 
 
 @_rule("aten.embedding")
@@ -1203,6 +1288,24 @@ def _sum_part(p: _Propagator, term: Term, start: int, end: int, where: str) -> T
     pieces = [p.dims.new(b - a) for a, b in itertools.pairwise(bounds)]
     p.unify(term, _normalize("s", tuple(pieces)), where)
     return p.dims.resolve(pieces[bounds.index(start)])
+
+
+@_rule("aten.roll")
+def _roll(p: _Propagator, node: torch.fx.Node, val: Any, where: str) -> list[Term]:
+    """A cyclic shift along some dimensions (Swin's shifted windows roll the spatial axes).
+    The other dimensions pass through untouched. Along a rolled dimension index ``i`` moves to
+    ``(i + shift) % size``: once units are cut the same shift on the shorter axis moves them
+    elsewhere, so a rolled dimension is never cut (and a roll without ``dims``, over the
+    flattened tensor, fixes every dimension)."""
+    x = list(_terms(p, node.args[0]))
+    args = _bind(node)
+    dims = args.get("dims") or []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = [_dim(d, len(x)) for d in dims] if dims else list(range(len(x)))
+    for d in rolled:
+        p.dims.block(x[d], f"{where}: rolled along this dimension (the shift depends on its "
+                     "length)")
+    return x
 
 
 @_rule("aten.narrow")
@@ -1515,6 +1618,10 @@ def _role(module: nn.Module, tensor_name: str, dim: int, ndim: int) -> str:
         return "bias"
     if isinstance(module, nn.Embedding):
         return "out" if dim == 1 else "rows"
+    if isinstance(module, nn.RNNBase):  # weight_ih / weight_hh: (gates x hidden, in / hidden)
+        if tensor_name.startswith("weight"):
+            return "out" if dim == 0 else "in"
+        return "bias"
     if _is_norm(module):
         if tensor_name in ("weight", "bias"):
             return "norm"
@@ -1539,9 +1646,11 @@ class DependencyGraph:
     :func:`build_graph`; it holds no reference to the model's tensors' values."""
 
     def __init__(self, model: nn.Module, propagator: _Propagator, program: Any,
-                 leaf_modules: Sequence[str]) -> None:
+                 leaf_modules: Sequence[str], unseen_reason: str = "no traced forward reads it",
+                 modes: Sequence[str] = ("eval",)) -> None:
         self.program = program
         self.leaf_modules = list(leaf_modules)
+        self.modes = list(modes)  # the modes whose traces are merged in this graph
         self._dims = propagator.dims
         self._attention = propagator.attention
         self._scopes = propagator.scopes
@@ -1557,10 +1666,17 @@ class DependencyGraph:
         for path, module in model.named_modules():
             self._module_types[path] = type(module).__name__
         self._moe_rule(model, propagator)
+        # both traces record the same attention ops and norms: keep each once
+        resolve = propagator.dims.resolve
+        self._attention = list({(a["module"], resolve(a["heads"]), resolve(a["kv_heads"])): a
+                                for a in self._attention}.values())
+        self._norms = list({(m, tuple(resolve(t) for t in terms)): (m, terms)
+                            for m, terms in self._norms}.values())
+        self.unseen = self._unseen(model, named, aliases, propagator, unseen_reason)
         seen: set[int] = set()
         for name, terms in propagator.param_terms.items():
             tensor = named.get(name)
-            if tensor is None or id(tensor) in seen:
+            if tensor is None or id(tensor) in seen or name in self.unseen:
                 continue  # tied tensors: one entry per storage, the other names as aliases
             seen.add(id(tensor))
             names = aliases[id(tensor)]
@@ -1575,6 +1691,31 @@ class DependencyGraph:
         self._sublayers = _find_sublayers(program, propagator, model)
 
     # ---- construction
+    @staticmethod
+    def _unseen(model: nn.Module, named: dict[str, torch.Tensor], aliases: dict[int, list[str]],
+                p: _Propagator, reason: str) -> dict[str, str]:
+        """Tensors no traced forward reads (a training-only head the training trace did not
+        reach, a dead parameter): the graph cannot place their dimensions, so they are never
+        cut. A module that also holds tensors the trace did see keeps those whole as well
+        (cutting a Linear's weight but not its unread bias would leave it inconsistent)."""
+        unseen: dict[str, str] = {}
+        for name in p.param_terms:
+            tensor = named.get(name)
+            if tensor is None or tensor.dim() == 0:
+                continue
+            if not any(n in p.used for n in aliases.get(id(tensor), [name])):
+                unseen[name] = reason
+        unseen_params = {n for n in unseen if isinstance(named[n], nn.Parameter)}
+        for name in unseen_params:
+            module = name.rpartition(".")[0]
+            why = (f"{module or '(model)'} also holds {name}, which {reason}: its tensors are "
+                   "kept whole")
+            for other, terms in p.param_terms.items():
+                if other not in unseen and other.rpartition(".")[0] == module:
+                    for term in terms:
+                        p.dims.block(term, why)
+        return unseen
+
     def _moe_rule(self, model: nn.Module, p: _Propagator) -> None:
         by_parent: dict[tuple[str, int], list[str]] = {}
         for path, module in model.named_modules():
@@ -1656,6 +1797,8 @@ class DependencyGraph:
             return "head_dim"
         if "kernel" in tags:
             return "kernel"
+        if "gates" in tags:
+            return "gates"
         types = [self._module_types.get(m.module, "") for m in members]
         convs = len({m.module for m, t in zip(members, types, strict=True)
                      if t.startswith("Conv") and t != "Conv1D"})
@@ -1690,6 +1833,20 @@ class DependencyGraph:
         """Groups that cut the tensor ``tensor`` (a state-dict name)."""
         return [g for g in self._groups if any(tensor == t.tensor or tensor in t.aliases
                                                for t in g.tensors)]
+
+    def groups_in(self, path: str) -> list[Group]:
+        """Groups that reach into the module at ``path`` ("" is the whole model): a tensor of it
+        or of a submodule, or a value computed in its forward, lies in their dimension. These
+        are what a size hard-coded in that forward could disagree with once cut."""
+        def inside(module: str) -> bool:
+            return not path or module == path or module.startswith(path + ".")
+        roots: set[int] = set()
+        for module, terms in self._scopes.items():
+            if inside(module):
+                for term in terms:
+                    roots.update(self._dims.atoms(term))
+        return [g for g in self._groups if g.root in roots or
+                any(inside(t.module) for t in g.tensors)]
 
     def sublayers(self) -> list[Sublayer]:
         """Residual branches that one module computes entirely (see :class:`Sublayer`)."""
@@ -1978,10 +2135,13 @@ def default_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ..
 def build_graph(model: nn.Module, example_inputs: Any, *,
                 leaf_modules: Sequence[str] | None = None) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs, a dict of
-    keyword inputs, or ``(args, kwargs)``) and group its coupled dimensions.
+    keyword inputs, or ``(args, kwargs)``) in eval and in training mode, and group the coupled
+    dimensions of both forwards. ``graph.modes`` says which modes were traced (only
+    ``["eval"]`` when the training forward cannot be traced) and ``graph.unseen`` maps each
+    tensor no traced forward reads to the reason it is never cut.
 
     ``leaf_modules``: module paths to treat as black boxes (see the module docstring). The model
-    is left as it was (mode, tensors, no hooks)."""
+    is left as it was (mode, tensors, RNG, no hooks)."""
     if not isinstance(model, nn.Module):
         raise LeanTypeError(f"build_graph: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
@@ -1997,4 +2157,20 @@ def build_graph(model: nn.Module, example_inputs: Any, *,
     propagator = _Propagator(program, model)
     outputs = propagator.run(program.graph)
     propagator.block_value(outputs, "reaches a model output")
-    return DependencyGraph(model, propagator, program, leaves)
+    # The training-mode forward may run modules the eval-mode one never reaches (an auxiliary
+    # head, a distillation projection): trace it too and merge its couplings, so that such a
+    # module is cut together with the layer feeding it.
+    modes = ["eval"]
+    unseen_reason = "neither the eval- nor the training-mode forward reads it"
+    try:
+        train_program = _export(model, args, kwargs, leaves, training=True)
+    except LeanError as error:
+        unseen_reason = (f"the eval-mode forward does not read it (and the training-mode "
+                         f"forward could not be traced: {str(error)[:200]})")
+    else:
+        modes.append("train")
+        propagator.program = train_program
+        train_outputs = propagator.run(train_program.graph)
+        propagator.program = program
+        propagator.block_value(train_outputs, "reaches a model output (training mode)")
+    return DependencyGraph(model, propagator, program, leaves, unseen_reason, modes)

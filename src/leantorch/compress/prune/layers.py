@@ -192,6 +192,10 @@ def _fix_layer(path: str, module: nn.Module, tensors: dict[str, Any], graph: Dep
     elif isinstance(m, nn.Embedding):
         _set(result, path, m, "embedding_dim", m.weight.shape[1])
         _set(result, path, m, "num_embeddings", m.weight.shape[0])
+    elif isinstance(m, nn.RNNBase):
+        _set(result, path, m, "input_size", m.weight_ih_l0.shape[1])
+        _set(result, path, m, "hidden_size", m.weight_hh_l0.shape[1])
+        m._init_flat_weights()  # the forward reads this cached list, not _parameters
     elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' (in, out) linear
         _set(result, path, m, "nx", m.weight.shape[0])
         _set(result, path, m, "nf", m.weight.shape[1])

@@ -13,13 +13,14 @@ Three separate pieces, in the spirit of Torch-Pruning's design:
 
 :func:`prune_structured` (registered as ``prune.structured``) runs the three and then
 :func:`leantorch.compress.prune.layers.remove_units`, and checks that the pruned model runs
-and gives outputs of the original shapes. :func:`mask_units` is the readable reference: it
-zeroes the same slices in place of removing them; for groups marked ``exact`` the two models
-compute the same function.
+and gives outputs of the original shapes (in eval and training mode). :func:`mask_units` is
+the readable reference: it zeroes the same slices in place of removing them; for groups marked
+``exact`` the two models compute the same function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +31,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from leantorch.compress.change import Change, apply_transform
-from leantorch.compress.graph import DependencyGraph, Group, build_graph, default_inputs
+from leantorch.compress.graph import (
+    DependencyGraph,
+    Group,
+    _module_path_stack,
+    build_graph,
+    default_inputs,
+)
 from leantorch.compress.prune.importance import IMPORTANCES, score_groups
 from leantorch.compress.prune.layers import remove_units
 from leantorch.compress.registry import register_transform
@@ -166,19 +173,74 @@ def mask_units(model: nn.Module, graph: DependencyGraph, removed: dict[int, Iter
     return model
 
 
-def _outputs(model: nn.Module, inputs: Any) -> Any:
+def _outputs(model: nn.Module, inputs: Any, training: bool = False) -> Any:
+    """The model's output on ``inputs`` in eval mode (``training``: in training mode, with the
+    buffers a training forward updates, BatchNorm statistics, put back and the RNG forked, so
+    that checking a model never changes it); the model's mode is restored."""
     args, kwargs = default_inputs(model, inputs)
-    training = model.training
-    model.eval()
+    was_training = model.training
+    saved = {n: b.clone() for n, b in model.named_buffers()} if training else {}
+    model.train(training)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=training):
             return model(*args, **kwargs)
     finally:
-        model.train(training)
+        model.train(was_training)
+        for name, buffer in model.named_buffers():
+            if name in saved and saved[name].shape == buffer.shape:
+                buffer.copy_(saved[name])
 
 
 def _shapes(output: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def _checked_shapes(model: nn.Module, inputs: Any, training: bool, graph: DependencyGraph,
+                    plan: dict[int, list[int]]) -> list[tuple[int, ...]]:
+    """Output shapes of the pruned model; if it no longer runs, an error naming the module that
+    failed and the cut groups reaching into it (to leave whole with ``per_layer`` / ``ignore``)."""
+    stack, handles = _module_path_stack(model)
+    try:
+        return _shapes(_outputs(model, inputs, training))
+    except Exception as error:
+        raise _no_longer_runs(model, graph, plan, stack[-1] if stack else None, training,
+                              error) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _no_longer_runs(model: nn.Module, graph: DependencyGraph, plan: dict[int, list[int]],
+                    path: str | None, training: bool, error: Exception) -> LeanError:
+    mode = " in training mode" if training else ""
+    text = " ".join(str(error).split())[:300]
+    if path is None:
+        return LeanError(f"prune.structured: the pruned model no longer runs{mode} "
+                         f"({type(error).__name__}: {text}); some module keeps a size the graph "
+                         "cannot update: leave its groups alone with ignore=[...] or "
+                         "per_layer={...: 0}")
+    kind = type(model.get_submodule(path)).__name__
+    where = f"the module at {path!r} ({kind})" if path else f"the model's own forward ({kind})"
+    # the size may be hard-coded around the failing module (a split in its parent feeding it
+    # the wrong width): the innermost enclosing module that computes a cut group names them
+    parts = path.split(".") if path else []
+    scope, groups = path, []
+    for depth in range(len(parts), -1, -1):
+        scope = ".".join(parts[:depth])
+        groups = [g for g in graph.groups_in(scope) if g.id in plan]
+        if groups:
+            break
+    there = "there" if scope == path else \
+        (f"in {scope!r} around it" if scope else "in the model's own forward")
+    names = ", ".join(f"{g.name!r}: 0" for g in groups)
+    producers = sorted({t.module for g in groups for t in g.tensors
+                        if t.role in _OWN_OUTPUT_ROLES})
+    return LeanError(
+        f"prune.structured: the pruned model no longer runs{mode}: {where} raised "
+        f"{type(error).__name__}: {text}. Module code keeps a size the graph cannot update (a "
+        "constant in a reshape, view or split, a size stored outside its tensors); the groups "
+        f"cut {there} are {', '.join(repr(g.name) for g in groups)}: leave them whole with "
+        f"per_layer={{{names}}} or ignore={producers!r}")
 
 
 @register_transform("prune.structured")
@@ -223,7 +285,11 @@ def prune_structured(
 
     Returns ``(pruned model, Change)``; ``change.details`` lists every group cut (units before
     and after, and ``removed``: the unit indices per group name), the transformers config
-    values updated; ``change.skipped`` the groups left alone and why.
+    values updated; ``change.skipped`` the groups left alone and why, and, under their module's
+    path, the tensors no traced forward (eval or training mode) reads, which are never cut.
+    The pruned model is checked in eval mode and, where the original's training forward runs
+    on ``example_inputs``, in training mode; if it no longer runs, the error names the module
+    that failed and the groups to leave whole.
     """
     ratio = _check_ratio("ratio", ratio)
     max_ratio = float(max_ratio)
@@ -257,6 +323,13 @@ def prune_structured(
 
     def edit(target: nn.Module, change: Change) -> None:
         graph = build_graph(target, inputs, leaf_modules=leaf_modules)
+        unseen: dict[str, list[str]] = {}
+        for name in graph.unseen:
+            module, _, attr = name.rpartition(".")
+            unseen.setdefault(module, []).append(attr)
+        for module, attrs in unseen.items():
+            reason = graph.unseen[f"{module}.{attrs[0]}" if module else attrs[0]]
+            change.skipped[module or "(model)"] = f"{', '.join(attrs)} left whole: {reason}"
         candidates = []
         for g in graph.groups(kind=kinds):
             if not g.prunable:
@@ -274,19 +347,19 @@ def prune_structured(
                                      calibration=calibration, loss_fn=loss_fn, seed=seed)
         plan = plan_removal(candidates, scores, ratio, global_ranking=global_ranking,
                             per_layer=per_layer, round_to=round_to, max_ratio=max_ratio)
-        reference = _shapes(_outputs(target, inputs))
+        reference = {False: _shapes(_outputs(target, inputs))}
+        # the training-mode forward is checked too, where the model has one that runs on
+        # these inputs (not, e.g., one that needs labels)
+        with contextlib.suppress(Exception):
+            reference[True] = _shapes(_outputs(target, inputs, training=True))
         removal = remove_units(target, graph, plan)
-        try:
-            after = _shapes(_outputs(target, inputs))
-        except Exception as error:
-            raise LeanError(
-                f"prune.structured: the pruned model no longer runs ({type(error).__name__}: "
-                f"{' '.join(str(error).split())[:300]}); some module keeps a size the graph "
-                "cannot update: leave its groups alone with ignore=[...] or per_layer={...: 0}"
-            ) from error
-        if after != reference:
-            raise LeanError(f"prune.structured: output shapes changed from {reference} to "
-                            f"{after}; this is a bug in the dependency graph, please report it")
+        for training, shapes in reference.items():
+            after = _checked_shapes(target, inputs, training, graph, plan)
+            if after != shapes:
+                mode = " (training mode)" if training else ""
+                raise LeanError(f"prune.structured: output shapes{mode} changed from {shapes} "
+                                f"to {after}; this is a bug in the dependency graph, please "
+                                "report it")
         by_id = {g.id: g for g in candidates}
         change.details["groups"] = {
             by_id[gid].name: {"kind": by_id[gid].kind, "before": by_id[gid].size,
