@@ -70,13 +70,30 @@ def distilbert() -> nn.Module:
                                                 vocab_size=VOCAB)).eval()
 
 
+def image_inputs() -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+
+
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], num_labels=10)).eval()
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return T.ViTForImageClassification(T.ViTConfig(
+        hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        image_size=32, patch_size=8, num_labels=10)).eval()
+
+
 mixtral = decoder(T.MixtralForCausalLM, T.MixtralConfig, num_local_experts=8,
                   num_experts_per_tok=2)
 olmoe = decoder(T.OlmoeForCausalLM, T.OlmoeConfig, num_experts=8, num_experts_per_tok=2)
 
 # name: (build, inputs, units, config values the pruned model must have)
 DESCRIBED: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], list[str],
-                           dict[str, Any]]] = {  # slow: mixtral, olmoe (see the router test), t5
+                           dict[str, Any]]] = {  # slow: mixtral, olmoe (see the router test), t5, resnet
     "mixtral": (mixtral, lm_inputs, ["experts", "neurons"],
                 {"num_local_experts": 4, "intermediate_size": 24}),
     "olmoe": (olmoe, lm_inputs, ["experts", "neurons"],
@@ -99,6 +116,12 @@ DESCRIBED: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], list[str]
                 ["kv_heads", "heads", "neurons"],
                 {"num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 24}),
     "bert": (bert, lm_inputs, ["neurons"], {"intermediate_size": 24}),
+    # per-stage lists: every stage's channels halved
+    "resnet": (resnet, image_inputs, ["channels"],
+               {"embedding_size": 4, "hidden_sizes": [8, 16]}),
+    # ViT reads head_dim when the config has one: the head cut pins it
+    "vit": (vit, image_inputs, ["heads", "neurons"],
+            {"num_attention_heads": 2, "head_dim": 8, "intermediate_size": 24}),
     "gpt2": (gpt2, lm_inputs, ["neurons"], {"n_inner": 64}),
     "distilbert": (distilbert, lm_inputs, ["neurons"], {"hidden_dim": 24}),
 }
@@ -121,7 +144,7 @@ def from_folder(model: nn.Module, folder: Path) -> nn.Module:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
-                                  if n in ("mixtral", "olmoe", "t5")
+                                  if n in ("mixtral", "olmoe", "t5", "resnet")
                                   else n for n in DESCRIBED])
 def test_save_pretrained_rebuilds_the_pruned_model_exactly(name: str, tmp_path: Path) -> None:
     build, inputs_fn, units, expected = DESCRIBED[name]

@@ -424,16 +424,20 @@ def _size_mapping(result: Removal) -> dict[int, set[int]]:
     return mapping
 
 
-def _config_options(config: Any, mapping: dict[int, set[int]]) -> list[tuple[str, Any, int]]:
+def _config_options(config: Any, mapping: dict[int, set[int]]) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` changes worth trying: integer keys whose value the cut
-    changed uniformly, and unset size keys with each uniform new size."""
+    changed uniformly, per-stage lists of them (ConvNeXt's ``hidden_sizes``), and unset size
+    keys with each uniform new size."""
     uniform = {old: next(iter(news)) for old, news in mapping.items() if len(news) == 1}
-    options: list[tuple[str, Any, int]] = []
+    options: list[tuple[str, Any, Any]] = []
     for key, value in config.to_dict().items():
         if isinstance(value, bool):
             continue
         if isinstance(value, int) and value in uniform:
             options.append((key, value, uniform[value]))
+        elif (isinstance(value, list) and value and any(v in uniform for v in value)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            options.append((key, value, [uniform.get(v, v) for v in value]))
         elif value is None and any(h in key for h in UNSET_SIZE_HINTS):
             options.extend((key, None, new) for new in sorted(set(uniform.values())))
     return options
@@ -488,7 +492,7 @@ def _update_configs(model: nn.Module, result: Removal,
         current, facts = first[0] - noise, first[1]
         options = _config_options(config, mapping) if current else []
         pins = _pins(root, config)
-        tries: list[tuple[tuple[str, Any, int], ...]] = [(o,) for o in options]
+        tries: list[tuple[tuple[str, Any, Any], ...]] = [(o,) for o in options]
         if len(options) <= 12:  # a head count and a KV head count move together
             tries += [(a, b) for a, b in itertools.combinations(options, 2) if a[0] != b[0]]
         done: set[str] = set()
