@@ -498,11 +498,14 @@ def _update_configs(model: nn.Module, result: Removal,
         done: set[str] = set()
         prefix = f"{path}." if path else ""
         for combo in tries:
+            retry_with_pins = False
             if not current:
                 break
             if any(key in done for key, _, _ in combo):
                 continue
             for extra in ({}, pins):
+                if extra and not retry_with_pins:
+                    break
                 changes = {key: (old, new) for key, old, new in combo}
                 changes.update({k: (getattr(config, k, None), v) for k, v in extra.items()
                                 if k not in changes})
@@ -513,6 +516,9 @@ def _update_configs(model: nn.Module, result: Removal,
                 except Exception:  # a typed config field that refuses the value
                     continue
                 found = _mismatches(target, root, trial)
+                # pins help only where the trial moved a derived size (a rebuild per try)
+                retry_with_pins = bool(pins) and (found is None or any(
+                    k.endswith(f":{DERIVED_KEYS[pin]}") for pin in pins for k in found[0]))
                 if found is None:
                     continue
                 stale = {k for k in found[0] - noise if _stale(k, target, found[1], changes)}
