@@ -6,6 +6,7 @@ heads, a non-uniform cut), ``save_pretrained`` refuses and writes nothing."""
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,9 +234,10 @@ def test_save_pretrained_refuses_where_the_config_cannot_describe_the_cut(
     # the class is untouched: the original still saves
     model.save_pretrained(tmp_path / "original")
     assert (tmp_path / "original" / "config.json").exists()
-    # a copy refuses too, and so does the model leantorch.load rebuilds
-    with pytest.raises(LeanError, match="cannot describe"):
-        copy.deepcopy(pruned).save_pretrained(folder)
+    # a copy or a pickle refuses too, and so does the model leantorch.load rebuilds
+    for twin in (copy.deepcopy(pruned), pickle.loads(pickle.dumps(pruned))):
+        with pytest.raises(LeanError, match="cannot describe"):
+            twin.save_pretrained(folder)
     loaded = leantorch.load(leantorch.save(pruned, tmp_path / "pruned.safetensors"))
     assert torch.equal(main_output(outputs(loaded, inputs)), main_output(outputs(pruned, inputs)))
     with pytest.raises(LeanError, match="cannot describe"):

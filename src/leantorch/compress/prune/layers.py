@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -458,7 +457,7 @@ def _pins(root: nn.Module, config: Any) -> dict[str, int]:
 
 
 def _stale(key: str, target: dict[str, Any], facts: dict[str, Any],
-           changes: dict[str, tuple[Any, int]]) -> bool:
+           changes: dict[str, tuple[Any, Any]]) -> bool:
     """A module attribute (not a tensor size) that is a copy of a config value being changed:
     it holds the key's old value where the model rebuilt from the new config holds the new one
     (Mixtral's ``num_experts`` on the causal-LM wrapper, read by its load-balancing loss).
@@ -559,17 +558,24 @@ def _gap_reason(root: nn.Module, current: set[str], target: dict[str, Any],
             f"({len(current)} sizes differ from a model built from it, e.g. {said})")
 
 
-def _refuse_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-    raise LeanError(
-        f"save_pretrained: {self.__dict__[_GAP_ATTR]}, so a folder written now would not load "
-        "with from_pretrained; nothing was written. Save with leantorch.save(model, path) and "
-        "rebuild with leantorch.load(path), which replay the cut")
+class _RefuseSavePretrained:
+    """Stands in for one model instance's ``save_pretrained``: raises with the reason. A plain
+    picklable object (not a bound method), so copies and pickles of the model keep it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise LeanError(
+            f"save_pretrained: {self.reason}, so a folder written now would not load with "
+            "from_pretrained; nothing was written. Save with leantorch.save(model, path) and "
+            "rebuild with leantorch.load(path), which replay the cut")
 
 
 def _mark_gap(root: nn.Module, reason: str) -> None:
     """Make this instance's ``save_pretrained`` (not the class's) refuse with ``reason``."""
     root.__dict__[_GAP_ATTR] = reason
-    root.__dict__["save_pretrained"] = types.MethodType(_refuse_save_pretrained, root)
+    root.__dict__["save_pretrained"] = _RefuseSavePretrained(reason)
 
 
 def _clear_gap(root: nn.Module) -> None:
