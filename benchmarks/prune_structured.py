@@ -10,6 +10,11 @@ Three sections, each writing ``benchmarks/results/prune_structured_<section>.jso
   timed in one interleaved loop (original, leantorch, Torch-Pruning) on 2 threads.
 - ``coverage``: GPT-2 (124M) and the 4-layer Llama from transformers: whether each library
   produces a pruned model that still runs, with its error when it does not.
+- ``architectures``: every transformers architecture of the coverage table in
+  docs/pruning_structured.md, built tiny from a config: which groups are cut (and exact),
+  which are left alone and why, whether the config describes the pruned model
+  (``save_pretrained`` + ``from_pretrained`` give the same outputs, or ``save_pretrained``
+  refuses), and leantorch save/load; about a minute (not in the default sections).
 - ``minilm``: the real all-MiniLM-L6-v2, 30% of its heads and MLP neurons pruned (first-order
   Taylor on calibration sentences), embedding fidelity on held-out sentences (mean cosine to
   the original embeddings, nearest-neighbour agreement) and paraphrase retrieval before and
@@ -17,7 +22,7 @@ Three sections, each writing ``benchmarks/results/prune_structured_<section>.jso
   sentences, plus latency against the original.
 
     flock /tmp/leantorch-bench.lock .venv/bin/python benchmarks/prune_structured.py \\
-        [--sections vision,coverage,minilm] [--rounds 8]
+        [--sections vision,coverage,minilm,architectures] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -231,6 +236,127 @@ def coverage() -> dict[str, Any]:
     return results
 
 
+# --------------------------------------------------------------------------- architectures
+def tiny_transformers() -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+    """Every transformers architecture the coverage table lists, built tiny from a config
+    (random weights) with its example inputs."""
+    import transformers as T
+
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    image = {"pixel_values": torch.randn(1, 3, 32, 32,
+                                         generator=torch.Generator().manual_seed(0))}
+    lm = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 100}
+    t5 = T.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, vocab_size=100)
+    return {
+        "BERT": (lambda: T.BertModel(T.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            vocab_size=100)), text),
+        "DistilBERT": (lambda: T.DistilBertModel(T.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=100)), text),
+        "GPT-2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)), text),
+        "Llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**lm)), text),
+        "Qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**lm)), text),
+        "Mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**lm)), text),
+        "Mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(
+            **lm, num_local_experts=8, num_experts_per_tok=2)), text),
+        "OLMoE": (lambda: T.OlmoeForCausalLM(T.OlmoeConfig(
+            **lm, num_experts=8, num_experts_per_tok=2)), text),
+        "T5": (lambda: T.T5ForConditionalGeneration(t5),
+               {**text, "decoder_input_ids": ids[:, :6]}),
+        "ViT": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            image_size=32, patch_size=8, num_labels=10)), image),
+        "Swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+            window_size=4, num_labels=10)), image),
+        "ConvNeXt": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)), image),
+        "ResNet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], num_labels=10)), image),
+        "MobileNetV2": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.5, num_labels=10)), image),
+    }
+
+
+def main_output(out: Any) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    return out[0]
+
+
+def prune_and_reload(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                     units: list[str]) -> dict[str, Any]:
+    """Cut half of ``units``; then save_pretrained + from_pretrained (local folder) and
+    leantorch.save/load, each compared with the pruned model's output."""
+    import leantorch
+    from leantorch.errors import LeanError
+
+    entry: dict[str, Any] = {"units": units}
+    try:
+        pruned, change = prune_structured(model, ratio=0.5, units=units,
+                                          example_inputs=inputs)
+    except Exception as error:
+        return {**entry, "status": "error", "error": error_text(error)}
+    pruned.eval()
+    cut: dict[str, list[int]] = {}
+    for group in change.details["groups"].values():
+        kind = cut.setdefault(group["kind"], [0, 0])
+        kind[0] += 1
+        kind[1] += int(group["exact"])
+    reasons = sorted({r for r in change.skipped.values()})
+    with torch.no_grad():
+        reference = main_output(pruned(**inputs))
+    entry.update({"status": "ok", "params": [change.before.params, change.after.params],
+                  "groups_cut": {k: {"groups": v[0], "exact": v[1]} for k, v in cut.items()},
+                  "skipped_groups": len(change.skipped), "skipped_reasons": reasons[:4],
+                  "config": change.details["config"],
+                  "config_describes_model": change.details.get("config_describes_model")})
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            pruned.save_pretrained(f"{folder}/hf")
+            loaded = type(pruned).from_pretrained(f"{folder}/hf", local_files_only=True).eval()
+            with torch.no_grad():
+                diff = (main_output(loaded(**inputs)) - reference).abs().max().item()
+            entry["save_pretrained"] = {"status": "round-trips", "max_abs_diff": diff}
+        except LeanError as error:
+            entry["save_pretrained"] = {"status": "refused", "reason": error_text(error, 300)}
+        except Exception as error:
+            entry["save_pretrained"] = {"status": "error", "error": error_text(error)}
+        try:
+            back = leantorch.load(leantorch.save(pruned, f"{folder}/m.safetensors"))
+            with torch.no_grad():
+                entry["leantorch_save_load_bit_exact"] = torch.equal(
+                    main_output(back(**inputs)), reference)
+        except Exception as error:
+            entry["leantorch_save_load_bit_exact"] = error_text(error)
+    return entry
+
+
+def architectures() -> dict[str, Any]:
+    """Coverage of transformers architectures (tiny, from configs): what prunes, whether the
+    config describes the result. Heads are cut together with the rest; where the config then
+    cannot describe the model, the same cut without heads is tried too."""
+    results: dict[str, Any] = {}
+    for name, (build, inputs) in tiny_transformers().items():
+        torch.manual_seed(0)
+        model = build().eval()
+        units = ["channels", "heads", "kv_heads", "neurons", "experts"]
+        entry = {"all_but_width": prune_and_reload(model, inputs, units)}
+        first = entry["all_but_width"]
+        if first.get("config_describes_model") is False and \
+                {"heads", "kv_heads"} & set(first.get("groups_cut", {})):
+            entry["without_heads"] = prune_and_reload(
+                model, inputs, ["channels", "neurons", "experts"])
+        results[name] = entry
+        print(name, {k: (v["status"], v.get("save_pretrained", {}).get("status"))
+                     for k, v in entry.items()}, flush=True)
+    return results
+
+
 # --------------------------------------------------------------------------- minilm
 def embed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     with torch.no_grad():
@@ -330,8 +456,11 @@ def main() -> None:
             payload = coverage()
         elif section == "minilm":
             payload = minilm(args.rounds, args.finetune_steps)
+        elif section == "architectures":
+            payload = architectures()
         else:
-            raise SystemExit(f"unknown section {section!r}: vision, coverage, minilm")
+            raise SystemExit(f"unknown section {section!r}: vision, coverage, minilm, "
+                             "architectures")
         path = write_results(f"prune_structured_{section}", {
             "benchmark": f"prune_structured --sections {section}",
             "threads": threads, "rounds": args.rounds,

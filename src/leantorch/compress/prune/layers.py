@@ -12,13 +12,19 @@ indices go (:meth:`DependencyGraph.keep_indices`); this module
    ``num_key_value_groups``, ``all_head_size``, ``split_size``: read from the attention op the
    module runs), and integer size attributes of modules whose own tensors changed
    (``num_experts``, ``hidden_dim``, ``intermediate_dim``...) when the old value names exactly
-   one of their changed dimensions;
+   one of their changed dimensions, and a router's ``top_k`` when fewer experts remain;
 3. updates a transformers config where the new sizes are uniform, and keeps the update only if
-   a model rebuilt from the new config has exactly the pruned shapes (verified on the meta
-   device): BERT's config, for instance, cannot say "3 heads of 8 dims in a 32-wide model" and
-   is left alone;
-4. records the step ``prune.resize`` (tensor shapes, attributes, config values) so that
-   ``leantorch.save`` / ``leantorch.load`` rebuild the pruned model exactly.
+   a model rebuilt from the new config has exactly the pruned shapes and sizes (verified on the
+   meta device), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model. Keys
+   tried: every integer size the cut changed uniformly (``num_local_experts`` or
+   ``num_experts``, whatever the model calls it), pairs of them (heads with KV heads), unset
+   sizes the model would derive (GPT-2's ``n_inner``), with a derived ``head_dim`` pinned at
+   its old value (Qwen2); module attributes that copied a changed config value (Mixtral's
+   ``num_experts`` on the causal-LM wrapper) follow. Where no config can say it (BERT's cannot
+   say "3 heads of 8 dims in a 32-wide model"; a non-uniform cut), the config is left alone,
+   the reason recorded, and that model instance's ``save_pretrained`` refuses;
+4. records the step ``prune.resize`` (tensor shapes, attributes, config values, refusals) so
+   that ``leantorch.save`` / ``leantorch.load`` rebuild the pruned model exactly.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ __all__ = ["Removal", "remove_units"]
 HEAD_NAMES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads")
 KV_HEAD_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 GROUP_NAMES = ("num_key_value_groups", "n_rep", "num_queries_per_kv")
+# per-head width; T5 calls it key_value_proj_dim (d_kv in its config)
+HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "head_size", "d_head", "key_value_proj_dim")
 ATTENTION_WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size", "attention_dim")
+EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts")
+TOP_K_NAMES = ("top_k", "num_experts_per_tok")
 # integer size attributes a module may keep about its own tensors
 OWN_SIZE_NAMES = ("num_experts", "num_local_experts", "hidden_dim", "hidden_size",
                   "intermediate_dim", "intermediate_size", "embed_dim", "in_features",
@@ -57,6 +67,9 @@ class Removal:
     config: dict[str, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
     units: dict[str, int] = field(default_factory=dict)  # group name -> units removed
     counts: dict[int, set[int]] = field(default_factory=dict)  # head counts: old -> new
+    config_roots: list[str] = field(default_factory=list)  # transformers models checked
+    # transformers root path -> why its config cannot describe the pruned model
+    config_gaps: dict[str, str] = field(default_factory=dict)
 
 
 def _check_plan(graph: DependencyGraph, removed: dict[int, Iterable[int]]) -> dict[int, list[int]]:
@@ -90,6 +103,10 @@ def remove_units(model: nn.Module, graph: DependencyGraph, removed: dict[int, It
     for group_id, units in plan.items():
         result.units[graph.group(group_id).name] = len(units)
     cut_roots = {graph.group(g).root for g in plan}
+    # what a model rebuilt from the unchanged config already differs in (sizes a forward pass
+    # or an earlier edit set): not the cut's doing, so not held against the new config
+    baseline = {path: _mismatches(_facts(root), root, root.config)
+                for path, root in _transformers_roots(model)}
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers(remove_duplicate=False)))
     by_storage: dict[int, list[str]] = {}
@@ -123,7 +140,7 @@ def remove_units(model: nn.Module, graph: DependencyGraph, removed: dict[int, It
             _assign(model, alias, value)
             result.tensors[alias] = (old_sizes[name], tuple(value.shape))
     _fix_attributes(model, graph, plan, result)
-    _update_configs(model, result)
+    _update_configs(model, result, baseline)
     record_step(model, "prune.resize", **_step_args(model, result))
     return result
 
@@ -162,6 +179,7 @@ def _fix_attributes(model: nn.Module, graph: DependencyGraph, plan: dict[int, li
         _fix_own_sizes(path, model.get_submodule(path), {}, result, children=True)
     _fix_norms(model, graph, plan, result)
     _fix_attention(model, graph, plan, result)
+    _fix_top_k(model, result)
 
 
 def _fix_layer(path: str, module: nn.Module, tensors: dict[str, Any], graph: DependencyGraph,
@@ -300,8 +318,25 @@ def _fix_attention(model: nn.Module, graph: DependencyGraph, plan: dict[int, lis
                 break
 
 
+def _fix_top_k(model: nn.Module, result: Removal) -> None:
+    """A router that keeps fewer experts than it routes each token to would fail in
+    ``topk``: it now routes every token to every remaining expert (``top_k`` on the router
+    and on its MoE block, the router's parent)."""
+    for path, entries in list(result.attributes.items()):
+        counts = [new for attr, (_old, new) in entries.items() if attr in EXPERT_COUNT_NAMES]
+        if not counts:
+            continue
+        experts = min(counts)
+        for candidate in _self_and_ancestors(path)[:2]:
+            module = model.get_submodule(candidate)
+            for attr in TOP_K_NAMES:
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > experts:
+                    _set(result, candidate, module, attr, experts)
+
+
 def _head_dim(module: nn.Module) -> int | None:
-    for attr in ("head_dim", "attention_head_size", "head_size", "d_head"):
+    for attr in HEAD_DIM_NAMES:
         value = getattr(module, attr, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -314,6 +349,17 @@ def _self_and_ancestors(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- configs
+# config keys a model derives when they are unset, and the module attribute that holds the
+# derived value: Qwen2 builds head_dim = hidden_size // num_attention_heads unless the config
+# says otherwise, so a head cut must pin head_dim at its old value
+DERIVED_KEYS = {"head_dim": "head_dim"}
+# an unset (None) config size that a model derives from others (GPT-2's n_inner = 4 * n_embd)
+# is tried with the new sizes if its name says it is a size
+UNSET_SIZE_HINTS = ("inner", "intermediate", "ffn", "d_ff", "head_dim", "d_kv", "kv_channels",
+                    "experts")
+_GAP_ATTR = "_leantorch_config_gap"
+
+
 def _transformers_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Outermost transformers models inside ``model`` (with a ``config``)."""
     roots: list[tuple[str, nn.Module]] = []
@@ -333,8 +379,8 @@ def _is_transformers(module: nn.Module) -> bool:
 
 
 def _facts(module: nn.Module) -> dict[str, Any]:
-    """Tensor shapes and integer size attributes of every submodule: what a model rebuilt from
-    a config must reproduce."""
+    """Tensor shapes (``name[dim]``) and integer size attributes (``path:attr``) of every
+    submodule: what a model rebuilt from a config must reproduce."""
     out: dict[str, Any] = {}
     tensors = list(module.named_parameters(remove_duplicate=False))
     tensors += list(module.named_buffers(remove_duplicate=False))
@@ -352,20 +398,21 @@ def _facts(module: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _mismatches(target: dict[str, Any], module: nn.Module, config: Any) -> set[str] | None:
+def _mismatches(target: dict[str, Any], module: nn.Module, config: Any
+                ) -> tuple[set[str], dict[str, Any]] | None:
+    """Facts where a model rebuilt from ``config`` (on the meta device) differs from
+    ``target``, and the rebuilt model's facts; None if the config does not build."""
     try:
         with torch.device("meta"):
             rebuilt = type(module)(config)
     except Exception:
         return None
     facts = _facts(rebuilt)
-    return {k for k in set(target) | set(facts) if target.get(k) != facts.get(k)}
+    return {k for k in set(target) | set(facts) if target.get(k) != facts.get(k)}, facts
 
 
-def _update_configs(model: nn.Module, result: Removal) -> None:
-    """Set config sizes that are uniform after the cut. A value is kept only if a model rebuilt
-    from the config moves closer to the pruned one and differs from it nowhere new (shapes and
-    size attributes compared on the meta device): the config never says something untrue."""
+def _size_mapping(result: Removal) -> dict[int, set[int]]:
+    """Every size the cut changed: old -> the new sizes it became."""
     mapping: dict[int, set[int]] = {}
     for old_shape, new_shape in result.tensors.values():
         for old, new in zip(old_shape, new_shape, strict=True):
@@ -377,34 +424,167 @@ def _update_configs(model: nn.Module, result: Removal) -> None:
                 mapping.setdefault(old, set()).add(new)
     for old, news in result.counts.items():
         mapping.setdefault(old, set()).update(news)
+    return mapping
+
+
+def _config_options(config: Any, mapping: dict[int, set[int]]) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` changes worth trying: integer keys whose value the cut
+    changed uniformly, per-stage lists of them (ConvNeXt's ``hidden_sizes``), and unset size
+    keys with each uniform new size."""
+    uniform = {old: next(iter(news)) for old, news in mapping.items() if len(news) == 1}
+    options: list[tuple[str, Any, Any]] = []
+    for key, value in config.to_dict().items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value in uniform:
+            options.append((key, value, uniform[value]))
+        elif (isinstance(value, list) and value and any(v in uniform for v in value)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            options.append((key, value, [uniform.get(v, v) for v in value]))
+        elif value is None and any(h in key for h in UNSET_SIZE_HINTS):
+            options.extend((key, None, new) for new in sorted(set(uniform.values())))
+    return options
+
+
+def _pins(root: nn.Module, config: Any) -> dict[str, int]:
+    """Derived config keys to pin at the value every module holds (see ``DERIVED_KEYS``)."""
+    pins = {}
+    for key, attr in DERIVED_KEYS.items():
+        if getattr(config, key, None) is not None:
+            continue
+        values = {getattr(m, attr) for m in root.modules()
+                  if isinstance(getattr(m, attr, None), int)
+                  and not isinstance(getattr(m, attr), bool)}
+        if len(values) == 1:
+            pins[key] = values.pop()
+    return pins
+
+
+def _stale(key: str, target: dict[str, Any], facts: dict[str, Any],
+           changes: dict[str, tuple[Any, Any]]) -> bool:
+    """A module attribute (not a tensor size) that is a copy of a config value being changed:
+    it holds the key's old value where the model rebuilt from the new config holds the new one
+    (Mixtral's ``num_experts`` on the causal-LM wrapper, read by its load-balancing loss).
+    Only exact copies count: a size merely equal to some changed size may mean something else
+    (``num_key_value_groups`` 2 is not a head count 2)."""
+    if "[" in key or key.endswith(":ndim") or ":" not in key:
+        return False
+    old, new = target.get(key), facts.get(key)
+    return any(old == was and new == now for was, now in changes.values()
+               if isinstance(was, int) and not isinstance(old, bool))
+
+
+def _update_configs(model: nn.Module, result: Removal,
+                    baseline: dict[str, tuple[set[str], dict[str, Any]] | None]) -> None:
+    """Set config sizes that are uniform after the cut. A change is kept only if a model
+    rebuilt from the config moves closer to the pruned one and differs from it nowhere new
+    (shapes and size attributes compared on the meta device): the config never says something
+    untrue. Module attributes that merely copied a changed config value are brought along.
+    Where differences remain, the config cannot describe the pruned model: the reason goes to
+    ``result.config_gaps`` and the root's ``save_pretrained`` refuses (see :func:`_mark_gap`)."""
+    mapping = _size_mapping(result)
     for path, root in _transformers_roots(model):
         config = root.config
+        before = baseline.get(path)
+        noise = before[0] if before is not None else set()
         target = _facts(root)
-        current = _mismatches(target, root, config)
-        if not current:
+        first = _mismatches(target, root, config)
+        if first is None:  # the class does not build from its config: nothing to say
             continue
-        candidates = {}
-        for key, value in config.to_dict().items():
-            if isinstance(value, bool) or not isinstance(value, int) or value not in mapping:
+        result.config_roots.append(path)
+        current, facts = first[0] - noise, first[1]
+        options = _config_options(config, mapping) if current else []
+        pins = _pins(root, config)
+        tries: list[tuple[tuple[str, Any, Any], ...]] = [(o,) for o in options]
+        if len(options) <= 12:  # a head count and a KV head count move together
+            tries += [(a, b) for a, b in itertools.combinations(options, 2) if a[0] != b[0]]
+        done: set[str] = set()
+        prefix = f"{path}." if path else ""
+        for combo in tries:
+            retry_with_pins = False
+            if not current:
+                break
+            if any(key in done for key, _, _ in combo):
                 continue
-            if len(mapping[value]) == 1:
-                candidates[key] = (value, next(iter(mapping[value])))
-        # single keys first, then pairs (a head count and a KV head count move together)
-        tries = [(k,) for k in candidates]
-        tries += list(itertools.combinations(candidates, 2)) if len(candidates) <= 8 else []
-        for keys in tries:
-            if not current or any(k not in candidates for k in keys):
-                continue
-            trial = copy.deepcopy(config)
-            for k in keys:
-                setattr(trial, k, candidates[k][1])
-            found = _mismatches(target, root, trial)
-            if found is not None and found < current:
-                for k in keys:
-                    old, new = candidates.pop(k)
-                    setattr(config, k, new)
-                    result.config.setdefault(path, {})[k] = (old, new)
-                current = found
+            for extra in ({}, pins):
+                if extra and not retry_with_pins:
+                    break
+                changes = {key: (old, new) for key, old, new in combo}
+                changes.update({k: (getattr(config, k, None), v) for k, v in extra.items()
+                                if k not in changes})
+                trial = copy.deepcopy(config)
+                try:
+                    for key, (_, value) in changes.items():
+                        setattr(trial, key, value)
+                except Exception:  # a typed config field that refuses the value
+                    continue
+                found = _mismatches(target, root, trial)
+                # pins help only where the trial moved a derived size (a rebuild per try)
+                retry_with_pins = bool(pins) and (found is None or any(
+                    k.endswith(f":{DERIVED_KEYS[pin]}") for pin in pins for k in found[0]))
+                if found is None:
+                    continue
+                stale = {k for k in found[0] - noise if _stale(k, target, found[1], changes)}
+                remaining = found[0] - noise - stale
+                if not remaining < current:
+                    continue
+                for key, (old, value) in changes.items():
+                    setattr(config, key, value)
+                    result.config.setdefault(path, {})[key] = (old, value)
+                    done.add(key)
+                for key in stale:
+                    sub, _, attr = key.partition(":")
+                    _set(result, prefix + sub if sub else path, root.get_submodule(sub), attr,
+                         found[1][key])
+                target = _facts(root)
+                current, facts = remaining, found[1]
+                break
+        if current:
+            reason = _gap_reason(root, current, target, facts)
+            result.config_gaps[path] = reason
+            _mark_gap(root, reason)
+        elif _GAP_ATTR in root.__dict__:
+            # an earlier cut left a gap: it closes only if the config now describes it all
+            now = _mismatches(target, root, config)
+            if now is not None and not now[0]:
+                _clear_gap(root)
+            else:
+                result.config_gaps[path] = root.__dict__[_GAP_ATTR]
+
+
+def _gap_reason(root: nn.Module, current: set[str], target: dict[str, Any],
+                facts: dict[str, Any]) -> str:
+    shapes = sorted(k for k in current if "[" in k)
+    examples = (shapes or sorted(current))[:2]
+    said = "; ".join(f"{k} is {target.get(k)} in the pruned model but {facts.get(k)} in one "
+                     "built from the config" for k in examples)
+    return (f"{type(root.config).__name__} cannot describe the pruned {type(root).__name__} "
+            f"({len(current)} sizes differ from a model built from it, e.g. {said})")
+
+
+class _RefuseSavePretrained:
+    """Stands in for one model instance's ``save_pretrained``: raises with the reason. A plain
+    picklable object (not a bound method), so copies and pickles of the model keep it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise LeanError(
+            f"save_pretrained: {self.reason}, so a folder written now would not load with "
+            "from_pretrained; nothing was written. Save with leantorch.save(model, path) and "
+            "rebuild with leantorch.load(path), which replay the cut")
+
+
+def _mark_gap(root: nn.Module, reason: str) -> None:
+    """Make this instance's ``save_pretrained`` (not the class's) refuse with ``reason``."""
+    root.__dict__[_GAP_ATTR] = reason
+    root.__dict__["save_pretrained"] = _RefuseSavePretrained(reason)
+
+
+def _clear_gap(root: nn.Module) -> None:
+    root.__dict__.pop(_GAP_ATTR, None)
+    root.__dict__.pop("save_pretrained", None)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -421,14 +601,21 @@ def _step_args(model: nn.Module, result: Removal) -> dict[str, Any]:
                        for path, entries in result.attributes.items()},
         "config": {path: {key: new for key, (_old, new) in entries.items()}
                    for path, entries in result.config.items()},
+        "gaps": {path: root.__dict__.get(_GAP_ATTR) for path, root in _transformers_roots(model)},
     }
 
 
 @register_step("prune.resize")
 def _replay_resize(model: nn.Module, tensors: dict[str, list[int]],
-                   attributes: dict[str, dict[str, Any]], config: dict[str, dict[str, Any]]
-                   ) -> None:
-    """Give a freshly built model the shapes and sizes of a pruned one (values come after)."""
+                   attributes: dict[str, dict[str, Any]], config: dict[str, dict[str, Any]],
+                   gaps: dict[str, str | None] | None = None) -> None:
+    """Give a freshly built model the shapes and sizes of a pruned one (values come after),
+    and the same ``save_pretrained`` refusal where its config cannot describe them."""
+    for path, reason in (gaps or {}).items():
+        if reason is None:
+            _clear_gap(model.get_submodule(path))
+        else:
+            _mark_gap(model.get_submodule(path), reason)
     for path, entries in config.items():
         target = model.get_submodule(path)
         for key, value in entries.items():

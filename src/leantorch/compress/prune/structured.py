@@ -285,7 +285,11 @@ def prune_structured(
 
     Returns ``(pruned model, Change)``; ``change.details`` lists every group cut (units before
     and after, and ``removed``: the unit indices per group name), the transformers config
-    values updated; ``change.skipped`` the groups left alone and why, and, under their module's
+    values updated (``config``), and for transformers models ``config_describes_model``:
+    where False (GPT-2 or BERT heads: the head width is derived from a fixed model width),
+    ``config_gaps`` says why and that model's
+    ``save_pretrained`` refuses (``leantorch.save``/``load`` replay the cut instead);
+    ``change.skipped`` the groups left alone and why, and, under their module's
     path, the tensors no traced forward (eval or training mode) reads, which are never cut.
     The pruned model is checked in eval mode and, where the original's training forward runs
     on ``example_inputs``, in training mode; if it no longer runs, the error names the module
@@ -368,6 +372,10 @@ def prune_structured(
         change.details["removed"] = {by_id[gid].name: units for gid, units in plan.items()}
         change.details["config"] = {p: {k: list(v) for k, v in e.items()}
                                     for p, e in removal.config.items()}
+        if removal.config_roots:  # transformers models: does save_pretrained round-trip?
+            change.details["config_describes_model"] = not removal.config_gaps
+        if removal.config_gaps:  # save_pretrained refuses on these (layers._mark_gap)
+            change.details["config_gaps"] = dict(removal.config_gaps)
         change.details.update(notes)
         change.replaced.extend(sorted({name.rpartition(".")[0] for name in removal.tensors}))
 
