@@ -270,7 +270,7 @@ def tiny_transformers() -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             image_size=32, patch_size=8, num_labels=10)), image),
         "Swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
-            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
             window_size=4, num_labels=10)), image),
         "ConvNeXt": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
             num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)), image),
