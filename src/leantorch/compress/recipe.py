@@ -113,26 +113,46 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Finetune:
-    """A distillation fine-tune against the original model (see ``compress.finetune``)."""
+    """A distillation fine-tune against the original model (see ``compress.finetune.distill``).
+
+    ``validation``: fraction of the calibration batches held out and scored every
+    ``eval_every`` steps; the best weights are kept and ``patience`` passes without a new best
+    stop the run (0: never early). ``l2sp``: strength of the pull toward the starting weights
+    (the original's where shapes match). The defaults (0) are a plain distillation."""
 
     steps: int = 100
     lr: float = 1e-4
     loss: str = "mse"
     weight_decay: float = 0.0
+    validation: float = 0.0
+    eval_every: int = 10
+    patience: int = 0
+    l2sp: float = 0.0
 
     @classmethod
     def from_dict(cls, value: Any) -> Finetune:
         where = "recipe.finetune"
-        d = _keys(where, value, ("steps", "lr", "loss", "weight_decay"))
+        d = _keys(where, value, ("steps", "lr", "loss", "weight_decay", "validation",
+                                 "eval_every", "patience", "l2sp"))
         loss = d.get("loss", cls.loss)
         if loss not in LOSSES:
             raise LeanError(f"{where}.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        validation = _float(where, "validation", d.get("validation", 0.0), 0, 0.5,
+                            open_low=False, open_high=True)
+        patience = _int(where, "patience", d.get("patience", cls.patience), 0)
+        if patience and not validation:
+            raise LeanError(f"{where}.patience = {patience} needs validation > 0 (the fraction "
+                            "of calibration batches to score)")
         return cls(
             steps=_int(where, "steps", d.get("steps", cls.steps), 0),
             lr=_float(where, "lr", d.get("lr", cls.lr), 0, 1),
             loss=loss,
             weight_decay=_float(where, "weight_decay", d.get("weight_decay", 0.0), 0, 1,
                                 open_low=False),
+            validation=validation,
+            eval_every=_int(where, "eval_every", d.get("eval_every", cls.eval_every), 1),
+            patience=patience,
+            l2sp=_float(where, "l2sp", d.get("l2sp", 0.0), 0, 1e6, open_low=False),
         )
 
 
@@ -300,10 +320,13 @@ class Stage:
     macs: int | None
     latency_ms: float | None
     fidelity: Fidelity | None = None
+    # on the second text set (``run_recipe(evaluation_ood=...)``), of a different kind
+    fidelity_ood: Fidelity | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "fidelity"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("fidelity", "fidelity_ood")}
         d["fidelity"] = None if self.fidelity is None else self.fidelity.to_dict()
+        d["fidelity_ood"] = None if self.fidelity_ood is None else self.fidelity_ood.to_dict()
         return d
 
 
@@ -319,6 +342,10 @@ class RecipeResult:
     failures: list[str]
     threads: int
     source: str = ""
+    # what each fine-tune did (``DistillHistory.summary()``: losses, validation, best step)
+    finetunes: list[dict[str, Any]] = field(default_factory=list)
+    # where the second text set came from, for the report
+    ood_source: str = ""
 
     @property
     def passed(self) -> bool:
@@ -339,13 +366,18 @@ class RecipeResult:
             "changes": [c.to_dict() for c in self.changes],
             "finetune_loss": {"first": self.finetune_loss[0], "last": self.finetune_loss[-1],
                               "steps": len(self.finetune_loss)} if self.finetune_loss else None,
+            "finetunes": [dict(f) for f in self.finetunes],
+            "ood_source": self.ood_source,
         }
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the before/after table, one row per stage."""
         first = self.stages[0]
-        metrics = list(self.stages[-1].fidelity.metrics) if self.stages[-1].fidelity else []
-        header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup", *metrics]
+        last = self.stages[-1]
+        metrics = list(last.fidelity.metrics) if last.fidelity else []
+        ood = list(last.fidelity_ood.metrics) if last.fidelity_ood else []
+        header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup", *metrics,
+                  *(f"{m}_ood" for m in ood)]
         rows = []
         for s in self.stages:
             speed = (f"{first.latency_ms / s.latency_ms:.2f}x"
@@ -355,6 +387,8 @@ class RecipeResult:
                    "-" if s.latency_ms is None else f"{s.latency_ms:.1f}", speed]
             row += [f"{s.fidelity.metrics[m]:.4f}" if s.fidelity and m in s.fidelity.metrics
                     else "-" for m in metrics]
+            row += [f"{s.fidelity_ood.metrics[m]:.4f}" if s.fidelity_ood
+                    and m in s.fidelity_ood.metrics else "-" for m in ood]
             rows.append(row)
         return header, rows
 
@@ -367,7 +401,12 @@ class RecipeResult:
                  "|---|" + "--:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines += ["", f"Latency: median of timed forwards on one evaluation batch, "
-                  f"{self.threads} thread(s); fidelity against the original on held-out data.",
+                  f"{self.threads} thread(s); fidelity against the original on held-out data"
+                  + (f", and (`_ood` columns) on {self.stages[-1].fidelity_ood.samples} texts of "
+                     f"a second, different set never used for tuning"
+                     + (f" ({self.ood_source})" if self.ood_source else "")
+                     if self.stages[-1].fidelity_ood else "") + ".",
+                  "Gates check the held-out data.",
                   "Gates: " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
                   + (" (all passed)" if self.passed else
                      " (FAILED: " + "; ".join(self.failures) + ")")]
@@ -422,6 +461,8 @@ def run_recipe(
     latency_runs: int = 10,
     progress: bool = False,
     source: str = "",
+    evaluation_ood: Sequence[Any] | None = None,
+    ood_source: str = "",
 ) -> RecipeResult:
     """Apply ``recipe`` to a copy of ``model``.
 
@@ -431,6 +472,11 @@ def run_recipe(
         evaluation: held-out model inputs on which every stage is verified against ``model``.
         example_inputs: one batch for FLOPs and latency.
         latency_runs: timed forwards per stage (0: no timing).
+        evaluation_ood: optional model inputs from a second text set of a different kind
+            (e.g. :func:`leantorch.data.reference_sentences`), kept out of calibration and
+            fine-tune; every stage is also verified on it (``Stage.fidelity_ood``) so a report
+            shows how far the held-out numbers carry. Gates check ``evaluation`` only.
+        ood_source: a few words saying where ``evaluation_ood`` came from, for the report.
 
     Raises:
         GateFailure: a gate failed; ``error.result`` holds the full :class:`RecipeResult`.
@@ -439,18 +485,23 @@ def run_recipe(
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    if evaluation_ood is not None and not evaluation_ood:
+        raise LeanError("run_recipe: evaluation_ood must be None or a non-empty list of model "
+                        "inputs, got an empty one")
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
-                    progress, source)
+                    progress, source, evaluation_ood, ood_source)
 
 
 def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
          evaluation: Sequence[Any], example_inputs: Any, latency_runs: int, progress: bool,
-         source: str) -> RecipeResult:
+         source: str, evaluation_ood: Sequence[Any] | None = None, ood_source: str = ""
+         ) -> RecipeResult:
     stages = [_measure("original", model, example_inputs, latency_runs)]
     changes: list[Change] = []
     current = model
     history: list[float] = []
+    finetunes: list[dict[str, Any]] = []
     transformed = False
     steps = list(recipe.steps)
     if recipe.finetune is not None and recipe.finetune.steps > 0:
@@ -463,8 +514,12 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
                 current = copy.deepcopy(current)
                 transformed = True
             ft = step.finetune
-            history += distill(current, model, calibration, steps=ft.steps, lr=ft.lr,
-                               loss=ft.loss, weight_decay=ft.weight_decay, progress=progress)
+            run = distill(current, model, calibration, steps=ft.steps, lr=ft.lr, loss=ft.loss,
+                          weight_decay=ft.weight_decay, validation=ft.validation,
+                          eval_every=ft.eval_every, patience=ft.patience, l2sp=ft.l2sp,
+                          progress=progress)
+            history += run
+            finetunes.append(run.summary())
         else:
             fn = get_transform(step.transform)
             kwargs = dict(step.args)
@@ -479,9 +534,12 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
         fidelity = verify(model, current, evaluation, task=recipe.task)
         label = f"+ {step.label}" if step.finetune is not None else step.label
         stages.append(_measure(label, current, example_inputs, latency_runs, fidelity))
+        if evaluation_ood:
+            stages[-1].fidelity_ood = verify(model, current, evaluation_ood, task=recipe.task)
     failures = [f for f in (g.check(stages[-1].fidelity) for g in recipe.gates) if f]
     result = RecipeResult(recipe, current, stages, changes, history, failures,
-                          torch.get_num_threads(), source)
+                          torch.get_num_threads(), source, finetunes,
+                          ood_source if evaluation_ood else "")
     if failures:
         error = GateFailure(failures, stages[-1].fidelity, step=f"recipe {recipe.name!r}")
         error.result = result
