@@ -406,8 +406,7 @@ class RecipeResult:
                      f"a second, different set never used for tuning"
                      + (f" ({self.ood_source})" if self.ood_source else "")
                      if self.stages[-1].fidelity_ood else "") + ".",
-                  "Gates check the held-out data.",
-                  "Gates: " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
+                  "Gates (on the held-out data): " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
                   + (" (all passed)" if self.passed else
                      " (FAILED: " + "; ".join(self.failures) + ")")]
         return "\n".join(lines) + "\n"
