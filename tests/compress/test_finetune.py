@@ -63,14 +63,16 @@ def test_validation_keeps_the_best_weights_and_they_equal_a_run_stopped_there() 
     assert history.summary()["validation_best"] == scores[best]
 
 
-def test_patience_stops_early_and_restores_the_best() -> None:
+def test_patience_stops_early_and_restores_the_best(capsys) -> None:
     torch.set_num_threads(1)
     original = teacher()
     data = batches(5)
     tuned = student_of(original)
     history = distill(tuned, original, data, steps=400, lr=0.05, validation=0.2, eval_every=4,
-                      patience=3)
+                      patience=3, progress=True)
     assert history.stopped_early and len(history) < 400
+    assert capsys.readouterr().err.endswith(
+        f"{len(history)}/400 loss {history[-1]:.5f} stopped early, kept step {history.best_step}\n")
     steps = [s for s, _ in history.validation]
     # it stopped at the third pass after the best one, no later
     assert steps[-1] == history.best_step + 3 * 4 and len(history) == steps[-1]

@@ -164,7 +164,9 @@ def distill(
                     since_best += 1
                     if patience and since_best >= patience and step + 1 < steps:
                         history.stopped_early = True
-                        report(steps, history[-1])  # close the progress bar
+                        if progress is True:  # end the bar's line, which stopped short
+                            print(f" stopped early, kept step {history.best_step}",
+                                  file=sys.stderr, flush=True)
                         break
         if best is None:
             history.best_step = len(history)
