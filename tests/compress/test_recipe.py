@@ -221,3 +221,14 @@ def test_a_recipe_fine_tune_with_validation_reports_the_kept_step() -> None:
     assert summary["best_step"] % 5 == 0 and summary["best_step"] <= summary["steps"] <= 30
     assert summary["validation_best"] <= summary["validation_first"]
     assert result.to_dict()["finetunes"] == [summary]
+
+
+def test_one_calibration_batch_fine_tunes_without_validation_and_says_so() -> None:
+    tuned = Recipe.from_dict({
+        "name": "v1", "task": "embedding", "steps": [{"finetune": {
+            "steps": 4, "lr": 1e-3, "validation": 0.2, "patience": 1}}]})
+    result = run_recipe(tuned, encoder(), calibration=data(1, 1), evaluation=data(1, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=0)
+    (summary,) = result.finetunes
+    assert summary["steps"] == 4 and "best_step" not in summary
+    assert summary["validation_skipped"] == "needs at least 2 calibration batches, got 1"

@@ -513,12 +513,20 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
                 current = copy.deepcopy(current)
                 transformed = True
             ft = step.finetune
+            # validation needs a batch to score and one to train on; with a single calibration
+            # batch the fine-tune runs without it, and the report says so
+            validate = bool(ft.validation) and len(calibration) >= 2
             run = distill(current, model, calibration, steps=ft.steps, lr=ft.lr, loss=ft.loss,
-                          weight_decay=ft.weight_decay, validation=ft.validation,
-                          eval_every=ft.eval_every, patience=ft.patience, l2sp=ft.l2sp,
-                          progress=progress)
+                          weight_decay=ft.weight_decay,
+                          validation=ft.validation if validate else 0.0,
+                          eval_every=ft.eval_every, patience=ft.patience if validate else 0,
+                          l2sp=ft.l2sp, progress=progress)
             history += run
-            finetunes.append(run.summary())
+            summary = run.summary()
+            if ft.validation and not validate:
+                summary["validation_skipped"] = (f"needs at least 2 calibration batches, got "
+                                                 f"{len(calibration)}")
+            finetunes.append(summary)
         else:
             fn = get_transform(step.transform)
             kwargs = dict(step.args)
