@@ -155,7 +155,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     from leantorch.compress.recipe import load_recipe, run_recipe
     from leantorch.compress.verify import GateFailure
-    from leantorch.data import sentences, split
+    from leantorch.data import corpora, reference_sentences, split
     from leantorch.io import check_output_dir, read_text_file
     from leantorch.models import load_model
     from leantorch.models.registry import model_label
@@ -182,18 +182,25 @@ def _compress(args: argparse.Namespace) -> int:
         if len(texts) < 4:
             raise LeanError(f"--data {args.data!r} has {len(texts)} non-empty lines; at least 4 "
                             "are needed (calibration and held-out evaluation)")
-    else:
-        texts = sentences()
     # the output folder is checked now, not after minutes of work
     out = Path(args.out or f"out/{model_label(args.model)}-{recipe.name}")
     check_output_dir(out, overwrite=args.overwrite, name="--out")
     loaded = load_model(args.model)
     cal = recipe.calibration
-    calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
+    if args.data:
+        calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
+    else:  # bundled sentences held out; calibration adds the paraphrase corpus
+        sets = corpora(holdout=cal.holdout)
+        calibration_texts, evaluation_texts = sets.calibration, sets.held_out
     calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len,
                                  shapes=args.shapes)
     evaluation = loaded.batches(evaluation_texts[:max(cal.batch_size, cal.samples)],
                                 cal.batch_size, cal.seq_len, seed=1, shapes=args.shapes)
+    # a second, different kind of text, never tuned on: only meaningful with a real tokenizer
+    tuned_on = set(calibration_texts)
+    ood_texts = [t for t in reference_sentences() if t not in tuned_on]
+    ood = (loaded.batches(ood_texts, cal.batch_size, cal.seq_len)
+           if loaded.kind == "text" and loaded.tokenizer is not None and ood_texts else None)
     print(f"compressing {loaded.name} with recipe {recipe.name!r}: "
           f"{sum(_rows(b) for b in calibration)} calibration and "
           f"{sum(_rows(b) for b in evaluation)} held-out inputs, {torch.get_num_threads()} "
@@ -202,7 +209,8 @@ def _compress(args: argparse.Namespace) -> int:
         result = run_recipe(recipe, loaded.model, calibration=calibration,
                             evaluation=evaluation, example_inputs=evaluation[0],
                             latency_runs=args.latency_runs, progress=not args.json,
-                            source=loaded.name)
+                            source=loaded.name, evaluation_ood=ood,
+                            ood_source="sentences of the Python language reference")
     except GateFailure as error:
         _print_stages(error.result, args.json)
         print(f"leantorch: {error}; nothing was written", file=sys.stderr)

@@ -35,6 +35,14 @@ def recipe(**changes) -> dict:
     (recipe(calibration={"size": 3}), "recipe.calibration: unknown key 'size'"),
     (recipe(finetune={"lr": -1}), "recipe.finetune.lr must be a number in (0, 1]"),
     (recipe(finetune={"loss": "l7"}), "recipe.finetune.loss must be one of mse"),
+    (recipe(finetune={"validation": 0.5}),
+     "recipe.finetune.validation must be a number in [0, 0.5), got 0.5"),
+    (recipe(finetune={"patience": 3}), "recipe.finetune.patience = 3 needs validation > 0"),
+    (recipe(finetune={"validation": 0.1, "patience": -1}),
+     "recipe.finetune.patience must be an integer >= 0, got -1"),
+    (recipe(finetune={"eval_every": 0}), "recipe.finetune.eval_every must be an integer >= 1"),
+    (recipe(finetune={"l2sp": -0.1}), "recipe.finetune.l2sp must be a number in [0, 1000000.0]"),
+    (recipe(finetune={"l2sp": "big"}), "recipe.finetune.l2sp must be a number in [0"),
     (recipe(gates=[{"metric": "cosine_mean"}]), "needs min and/or max"),
     (recipe(gates=[{"metric": "cosine_mean", "minimum": 1}]), "recipe.gates[0]: unknown key"),
     (recipe(task="speech"), "recipe.task must be one of"),
@@ -154,8 +162,9 @@ def test_fine_tune_steps_interleave_with_transforms() -> None:
     assert [s.label for s in result.stages] == [
         "original", "lowrank.svd", "+ fine-tune (20 steps)", "lowrank.svd"]
     assert len(result.finetune_loss) == 20 and len(result.changes) == 2
-    assert schedule.to_dict()["steps"][1] == {"finetune": {"steps": 20, "lr": 3e-3,
-                                                            "loss": "mse", "weight_decay": 0.0}}
+    assert schedule.to_dict()["steps"][1] == {"finetune": {
+        "steps": 20, "lr": 3e-3, "loss": "mse", "weight_decay": 0.0, "validation": 0.0,
+        "eval_every": 10, "patience": 0, "l2sp": 0.0}}
     assert type(model[0]) is nn.Linear  # the caller's model was not touched
 
 
@@ -240,3 +249,59 @@ def test_without_timing_the_report_says_so() -> None:
     with pytest.raises(LeanError, match=r"latency_runs must be an integer >= 0 .* got -1"):
         run_recipe(FAST, encoder(), calibration=data(1, 1), evaluation=data(1, 2),
                    example_inputs=data(1, 3)[0], latency_runs=-1)
+
+
+def test_the_second_text_set_is_verified_beside_the_held_out_one_and_not_gated(tmp_path) -> None:
+    from leantorch.compress.verify import verify
+
+    model = encoder()
+    other = [(torch.randn(16, 32, generator=torch.Generator().manual_seed(9)),)]  # another kind
+    result = run_recipe(lowrank_recipe(0.85), model, calibration=data(6, 1),
+                        evaluation=data(2, 2), example_inputs=data(1, 3)[0], latency_runs=0,
+                        evaluation_ood=other, ood_source="random inputs")
+    assert result.stages[0].fidelity_ood is None
+    for stage in result.stages[1:]:
+        assert stage.fidelity_ood.samples == 16
+    # the numbers are verify()'s on that set, for the final model
+    assert result.stages[-1].fidelity_ood.metrics == verify(model, result.model, other).metrics
+    header, rows = result.table()
+    assert header[-3:] == ["cosine_mean_ood", "cosine_min_ood", "retrieval_agreement_ood"]
+    assert rows[-1][-3] == f"{result.stages[-1].fidelity_ood['cosine_mean']:.4f}"
+    report = result.to_dict()
+    assert report["stages"][-1]["fidelity_ood"]["samples"] == 16
+    assert report["ood_source"] == "random inputs"
+    assert "16 texts of a second, different set never used for tuning (random inputs)" in \
+        result.markdown()
+    # without the set: no columns, nothing said
+    plain = run_recipe(lowrank_recipe(0.85), model, calibration=data(6, 1),
+                       evaluation=data(2, 2), example_inputs=data(1, 3)[0], latency_runs=0)
+    assert not any(h.endswith("_ood") for h in plain.table()[0])
+    assert plain.to_dict()["stages"][-1]["fidelity_ood"] is None
+    with pytest.raises(LeanError, match="evaluation_ood must be None or a non-empty list"):
+        run_recipe(lowrank_recipe(0.85), model, calibration=data(6, 1), evaluation=data(2, 2),
+                   example_inputs=data(1, 3)[0], latency_runs=0, evaluation_ood=[])
+
+
+def test_a_recipe_fine_tune_with_validation_reports_the_kept_step() -> None:
+    tuned = Recipe.from_dict({
+        "name": "v", "task": "embedding",
+        "steps": [{"transform": "lowrank.svd", "args": {"rank": 6, "activation_aware": True}}],
+        "finetune": {"steps": 30, "lr": 3e-3, "validation": 0.2, "eval_every": 5,
+                     "patience": 2, "l2sp": 1e-3}})
+    result = run_recipe(tuned, encoder(), calibration=data(10, 1), evaluation=data(2, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=0)
+    (summary,) = result.finetunes
+    assert summary["best_step"] % 5 == 0 and summary["best_step"] <= summary["steps"] <= 30
+    assert summary["validation_best"] <= summary["validation_first"]
+    assert result.to_dict()["finetunes"] == [summary]
+
+
+def test_one_calibration_batch_fine_tunes_without_validation_and_says_so() -> None:
+    tuned = Recipe.from_dict({
+        "name": "v1", "task": "embedding", "steps": [{"finetune": {
+            "steps": 4, "lr": 1e-3, "validation": 0.2, "patience": 1}}]})
+    result = run_recipe(tuned, encoder(), calibration=data(1, 1), evaluation=data(1, 2),
+                        example_inputs=data(1, 3)[0], latency_runs=0)
+    (summary,) = result.finetunes
+    assert summary["steps"] == 4 and "best_step" not in summary
+    assert summary["validation_skipped"] == "needs at least 2 calibration batches, got 1"

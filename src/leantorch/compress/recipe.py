@@ -137,26 +137,46 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Finetune:
-    """A distillation fine-tune against the original model (see ``compress.finetune``)."""
+    """A distillation fine-tune against the original model (see ``compress.finetune.distill``).
+
+    ``validation``: fraction of the calibration batches held out and scored every
+    ``eval_every`` steps; the best weights are kept and ``patience`` passes without a new best
+    stop the run (0: never early). ``l2sp``: strength of the pull toward the starting weights
+    (the original's where shapes match). The defaults (0) are a plain distillation."""
 
     steps: int = 100
     lr: float = 1e-4
     loss: str = "mse"
     weight_decay: float = 0.0
+    validation: float = 0.0
+    eval_every: int = 10
+    patience: int = 0
+    l2sp: float = 0.0
 
     @classmethod
     def from_dict(cls, value: Any) -> Finetune:
         where = "recipe.finetune"
-        d = _keys(where, value, ("steps", "lr", "loss", "weight_decay"))
+        d = _keys(where, value, ("steps", "lr", "loss", "weight_decay", "validation",
+                                 "eval_every", "patience", "l2sp"))
         loss = d.get("loss", cls.loss)
         if loss not in LOSSES:
             raise LeanError(f"{where}.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        validation = _float(where, "validation", d.get("validation", 0.0), 0, 0.5,
+                            open_low=False, open_high=True)
+        patience = _int(where, "patience", d.get("patience", cls.patience), 0)
+        if patience and not validation:
+            raise LeanError(f"{where}.patience = {patience} needs validation > 0 (the fraction "
+                            "of calibration batches to score)")
         return cls(
             steps=_int(where, "steps", d.get("steps", cls.steps), 0),
             lr=_float(where, "lr", d.get("lr", cls.lr), 0, 1),
             loss=loss,
             weight_decay=_float(where, "weight_decay", d.get("weight_decay", 0.0), 0, 1,
                                 open_low=False),
+            validation=validation,
+            eval_every=_int(where, "eval_every", d.get("eval_every", cls.eval_every), 1),
+            patience=patience,
+            l2sp=_float(where, "l2sp", d.get("l2sp", 0.0), 0, 1e6, open_low=False),
         )
 
 
@@ -436,6 +456,8 @@ class Stage:
     latency: Spread | None = None
     speedup: Spread | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    # on the second text set (``run_recipe(evaluation_ood=...)``), of a different kind
+    fidelity_ood: Fidelity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict would deep-copy the model
@@ -446,6 +468,7 @@ class Stage:
             {f"{k}_ms": v for k, v in self.latency.to_dict().items()},
             "speedup": None if self.speedup is None else self.speedup.to_dict(),
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+            "fidelity_ood": None if self.fidelity_ood is None else self.fidelity_ood.to_dict(),
         }
 
     def speedup_text(self) -> str:
@@ -468,6 +491,10 @@ class RecipeResult:
     source: str = ""
     timing: dict[str, Any] | None = None  # how the stages were timed; None: not timed
     machine: dict[str, Any] | None = None  # measure.hardware.machine_info() of the timing
+    # what each fine-tune did (``DistillHistory.summary()``: losses, validation, best step)
+    finetunes: list[dict[str, Any]] = field(default_factory=list)
+    # where the second text set came from, for the report
+    ood_source: str = ""
 
     @property
     def passed(self) -> bool:
@@ -490,13 +517,17 @@ class RecipeResult:
             "changes": [c.to_dict() for c in self.changes],
             "finetune_loss": {"first": self.finetune_loss[0], "last": self.finetune_loss[-1],
                               "steps": len(self.finetune_loss)} if self.finetune_loss else None,
+            "finetunes": [dict(f) for f in self.finetunes],
+            "ood_source": self.ood_source,
         }
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the before/after table, one row per stage."""
-        metrics = list(self.stages[-1].fidelity.metrics) if self.stages[-1].fidelity else []
+        last = self.stages[-1]
+        metrics = list(last.fidelity.metrics) if last.fidelity else []
+        ood = list(last.fidelity_ood.metrics) if last.fidelity_ood else []
         header = ["stage", "params", "weights", "GFLOPs", "latency ms", "speedup [q1-q3]",
-                  *metrics]
+                  *metrics, *(f"{m}_ood" for m in ood)]
         rows = []
         for i, s in enumerate(self.stages):
             # the original is the baseline: its ratio is 1 in every round, no spread to show
@@ -506,6 +537,8 @@ class RecipeResult:
                    "-" if s.latency_ms is None else f"{s.latency_ms:.1f}", speed]
             row += [f"{s.fidelity.metrics[m]:.4f}" if s.fidelity and m in s.fidelity.metrics
                     else "-" for m in metrics]
+            row += [f"{s.fidelity_ood.metrics[m]:.4f}" if s.fidelity_ood
+                    and m in s.fidelity_ood.metrics else "-" for m in ood]
             rows.append(row)
         return header, rows
 
@@ -517,8 +550,13 @@ class RecipeResult:
                  "| " + " | ".join(header) + " |",
                  "|---|" + "--:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines += ["", self.timing_note() + " Fidelity: against the original on held-out data.",
-                  "Gates: " + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
+        lines += ["", self.timing_note() + " Fidelity: against the original on held-out data"
+                  + (f", and (`_ood` columns) on {self.stages[-1].fidelity_ood.samples} texts of "
+                     f"a second, different set never used for tuning"
+                     + (f" ({self.ood_source})" if self.ood_source else "")
+                     if self.stages[-1].fidelity_ood else "") + ".",
+                  "Gates (on the held-out data): "
+                  + (", ".join(str(g.to_dict()) for g in self.recipe.gates) or "none")
                   + (" (all passed)" if self.passed else
                      " (FAILED: " + "; ".join(self.failures) + ")")]
         return "\n".join(lines) + "\n"
@@ -620,6 +658,8 @@ def run_recipe(
     latency_runs: int = 10,
     progress: bool = False,
     source: str = "",
+    evaluation_ood: Sequence[Any] | None = None,
+    ood_source: str = "",
 ) -> RecipeResult:
     """Apply ``recipe`` to a copy of ``model``.
 
@@ -630,6 +670,11 @@ def run_recipe(
         example_inputs: one batch for FLOPs and latency.
         latency_runs: interleaved timing rounds; each round times every stage's model once,
             original included (0: no timing).
+        evaluation_ood: optional model inputs from a second text set of a different kind
+            (e.g. :func:`leantorch.data.reference_sentences`), kept out of calibration and
+            fine-tune; every stage is also verified on it (``Stage.fidelity_ood``) so a report
+            shows how far the held-out numbers carry. Gates check ``evaluation`` only.
+        ood_source: a few words saying where ``evaluation_ood`` came from, for the report.
 
     Raises:
         GateFailure: a gate failed; ``error.result`` holds the full :class:`RecipeResult`.
@@ -649,20 +694,25 @@ def run_recipe(
         # checked now, not after the transforms and fine-tunes have run
         raise LeanError(f"run_recipe: latency_runs must be an integer >= 0 (timing rounds; 0: "
                         f"no timing), got {latency_runs!r}")
+    if evaluation_ood is not None and not evaluation_ood:
+        raise LeanError("run_recipe: evaluation_ood must be None or a non-empty list of model "
+                        "inputs, got an empty one")
     with showing(progress):
         return _run(recipe, model, calibration, evaluation, example_inputs, latency_runs,
-                    progress, source)
+                    progress, source, evaluation_ood, ood_source)
 
 
 def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
          evaluation: Sequence[Any], example_inputs: Any, latency_runs: int, progress: bool,
-         source: str) -> RecipeResult:
+         source: str, evaluation_ood: Sequence[Any] | None = None, ood_source: str = ""
+         ) -> RecipeResult:
     from leantorch.measure.hardware import machine_info
 
     stages = [_measure("original", model, example_inputs)]
     changes: list[Change] = []
     current = model
     history: list[float] = []
+    finetunes: list[dict[str, Any]] = []
     steps = list(recipe.steps)
     if recipe.finetune is not None and recipe.finetune.steps > 0:
         steps.append(Step(None, {}, recipe.finetune))
@@ -674,8 +724,20 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
         if step.finetune is not None:
             current = copy.deepcopy(current)
             ft = step.finetune
-            history += distill(current, model, calibration, steps=ft.steps, lr=ft.lr,
-                               loss=ft.loss, weight_decay=ft.weight_decay, progress=progress)
+            # validation needs a batch to score and one to train on; with a single calibration
+            # batch the fine-tune runs without it, and the report says so
+            validate = bool(ft.validation) and len(calibration) >= 2
+            run = distill(current, model, calibration, steps=ft.steps, lr=ft.lr, loss=ft.loss,
+                          weight_decay=ft.weight_decay,
+                          validation=ft.validation if validate else 0.0,
+                          eval_every=ft.eval_every, patience=ft.patience if validate else 0,
+                          l2sp=ft.l2sp, progress=progress)
+            history += run
+            summary = run.summary()
+            if ft.validation and not validate:
+                summary["validation_skipped"] = (f"needs at least 2 calibration batches, got "
+                                                 f"{len(calibration)}")
+            finetunes.append(summary)
         else:
             fn = get_transform(step.transform)
             kwargs = dict(step.args)
@@ -688,10 +750,14 @@ def _run(recipe: Recipe, model: nn.Module, calibration: Sequence[Any],
         fidelity = verify(model, current, evaluation, task=recipe.task)
         label = f"+ {step.label}" if step.finetune is not None else step.label
         stages.append(_measure(label, current, example_inputs, fidelity))
+        if evaluation_ood:
+            stages[-1].fidelity_ood = verify(model, current, evaluation_ood, task=recipe.task)
     timing = _time_stages(stages, example_inputs, latency_runs) if latency_runs else None
     failures = [f for f in (g.check(stages[-1].fidelity) for g in recipe.gates) if f]
     result = RecipeResult(recipe, current, stages, changes, history, failures,
-                          torch.get_num_threads(), source, timing, machine_info())
+                          torch.get_num_threads(), source, timing=timing,
+                          machine=machine_info(), finetunes=finetunes,
+                          ood_source=ood_source if evaluation_ood else "")
     if failures:
         error = GateFailure(failures, stages[-1].fidelity, step=f"recipe {recipe.name!r}")
         error.result = result
