@@ -408,16 +408,9 @@ def test_views_whose_schema_hides_the_alias_cost_nothing() -> None:
 
 
 def test_special_functions_and_rare_in_place_ops() -> None:
+    from tests.measure.test_formulas import Fn
+
     x = torch.rand(3, 4) + 0.5
-
-    class Fn(nn.Module):
-        def __init__(self, fn):
-            super().__init__()
-            self.fn = fn
-
-        def forward(self, *args):
-            return self.fn(*args)
-
     assert count(Fn(torch.lgamma), x).flops == 12
     assert count(Fn(torch.sinc), x).flops == 3 * 12
     assert count(Fn(lambda v: torch.mvlgamma(v + 2, p=3)), x).flops == 12 + 3 * 3 * 12
