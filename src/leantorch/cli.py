@@ -203,8 +203,9 @@ def _compress(args: argparse.Namespace) -> int:
            if loaded.kind == "text" and loaded.tokenizer is not None and ood_texts else None)
     print(f"compressing {loaded.name} with recipe {recipe.name!r}: "
           f"{sum(_rows(b) for b in calibration)} calibration and "
-          f"{sum(_rows(b) for b in evaluation)} held-out inputs, {torch.get_num_threads()} "
-          "thread(s)", flush=True)
+          f"{sum(_rows(b) for b in evaluation)} held-out inputs"
+          + (f", {sum(_rows(b) for b in ood)} of a second text set" if ood else "")
+          + f", {torch.get_num_threads()} thread(s)", flush=True)
     try:
         result = run_recipe(recipe, loaded.model, calibration=calibration,
                             evaluation=evaluation, example_inputs=evaluation[0],
@@ -250,7 +251,7 @@ def _print_stages(result: object, as_json: bool) -> None:
         return
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table to 80 columns
-        console = Console(width=max(console.width, 160))
+        console = Console(width=max(console.width, 240))
     table = Table(title=f"{result.source}: recipe {result.recipe.name}", title_justify="left")
     for i, name in enumerate(header):  # escaped: "[q1-q3]" is text, not rich markup
         table.add_column(escape(name), justify="left" if i == 0 else "right")
