@@ -339,7 +339,7 @@ def run_model(name: str, model: nn.Module, timed: dict[str, torch.Tensor],
         repeats = row.get("speedup_vs_fp32_repeats")
         spread_text = f"[{per_round['q1']:.2f}-{per_round['q3']:.2f}]" + (
             f" runs {repeats['min']:.2f}-{repeats['max']:.2f}" if repeats else "")
-        print(f"  {key:38s} {row['median_ms']:9.1f} ms  {row['speedup_vs_fp32']:5.2f}x "
+        print(f"  {key:38s} {row['median_ms']:9.1f} ms  {per_round['median']:5.2f}x "
               f"{spread_text}  cos mean {cos['mean']:.4f} min {cos['min']:.4f}{extra_cpu}")
     for key, why in failed.items():
         print(f"  {key:38s} not run: {why[:120]}")

@@ -128,10 +128,11 @@ def render_table(payload: dict[str, Any], model: str = "minilm") -> str:
         gates = ", ".join(f"{g['metric']} >= {g['min']}" for g in recipe["recipe"]["gates"]
                           if "min" in g)
         timed = entry["timing"][name]
-        speed = f"{timed['speedup_vs_original']:.2f}x"
-        if "speedup_per_round" in timed:  # older result files have no spread
-            speed += (f" [{timed['speedup_per_round']['q1']:.2f}-"
-                      f"{timed['speedup_per_round']['q3']:.2f}]")
+        if "speedup_per_round" in timed:  # median [q1-q3] of the per-round ratios, as the CLI
+            rounds = timed["speedup_per_round"]
+            speed = f"{rounds['median']:.2f}x [{rounds['q1']:.2f}-{rounds['q3']:.2f}]"
+        else:  # older result files: the ratio of the medians, no spread
+            speed = f"{timed['speedup_vs_original']:.2f}x"
         lines.append(
             f"| `{name}` | {last['params'] / 1e6:.1f}M | {last['param_bytes'] / 2**20:.1f} MiB | "
             f"{last['flops'] / 1e9:.2f} | {speed} | "
