@@ -9,13 +9,11 @@ writes ``benchmarks/results/<name>.json`` with what it ran on.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from leantorch.errors import LeanError
 from leantorch.io import atomic_write_text
 from leantorch.measure import hardware
-from leantorch.measure.latency import Spread
+from leantorch.measure.latency import Spread, compare_interleaved
 
 THREADS = 2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -81,22 +79,13 @@ def machine_info() -> dict[str, Any]:
 def interleaved_timings(
     fns: Mapping[str, Callable[[], Any]], warmup: int, rounds: int
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``warmup`` untimed calls of each, then ``rounds``
-    rounds that call every function once, the order rotating from round to round so no
-    function always runs first (or right after the same neighbour)."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds per call of each function, round by round: the library's
+    :func:`leantorch.measure.compare_interleaved` (``warmup`` untimed calls of each, then
+    ``rounds`` rounds calling every function once, the order rotating from round to round), as
+    the raw per-round samples the scripts summarise themselves."""
+    comparison = compare_interleaved(fns, rounds=rounds, warmup=warmup)
+    return {name: [ms / 1e3 for ms in timing.samples_ms]
+            for name, timing in comparison.candidates.items()}
 
 
 def ratio_spread(times: Mapping[str, Sequence[float]], baseline: str) -> dict[str, dict[str, float]]:
