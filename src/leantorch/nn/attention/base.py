@@ -93,6 +93,8 @@ class Attention(nn.Module):
     causal_only: ClassVar[bool] = False
     #: kinds whose queries/keys all go through ``self.rotary`` (MLA rotates its own parts)
     uses_head_rotary: ClassVar[bool] = True
+    #: kinds whose keys/values come from one shared latent (MLA): num_kv_heads must stay None
+    shares_one_latent: ClassVar[bool] = False
     _by_kind: ClassVar[dict[str, type[Attention]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -138,8 +140,8 @@ class Attention(nn.Module):
         self.dim = positive_int("Attention", "dim", dim)
         self.num_heads = positive_int("Attention", "num_heads", num_heads)
         self.config = self._make_config(config, kind_args)
-        if own == "mla" and num_kv_heads not in (None, num_heads):
-            raise LeanError(f"Attention: num_kv_heads={describe(num_kv_heads)} with kind='mla'; "
+        if self.shares_one_latent and num_kv_heads not in (None, num_heads):
+            raise LeanError(f"Attention: num_kv_heads={describe(num_kv_heads)} with kind={own!r}; "
                             "MLA rebuilds per-head keys/values from one latent, leave it None")
         self.num_kv_heads = num_heads if num_kv_heads is None else positive_int(
             "Attention", "num_kv_heads", num_kv_heads)

@@ -79,6 +79,7 @@ class LatentAttention(Attention):
     supports_key_padding_mask = True
     has_absorbed_form = True
     uses_head_rotary = False  # RoPE on the decoupled part and the latent blocks only
+    shares_one_latent = True
 
     def _build(self, qkv_bias: bool) -> None:
         config, hd, heads, dim = self.config, self.head_dim, self.num_heads, self.dim
