@@ -152,6 +152,15 @@ class KVBuffer:
                             f"not fit the cached {tuple(self.keys.shape)} ({self.keys.dtype}); "
                             "use one cache per model and batch (cache.reset() to start over)")
 
+    def _write(self, start: int, keys: Tensor, values: Tensor | None) -> None:
+        """Store ``keys`` (and ``values``) at entries ``start..start + n`` of the reserved
+        storage: the one place new keys and values enter it (a quantized store converts here
+        and in :meth:`view`)."""
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end] = keys
+        if values is not None:
+            self.values[:, :, start:end] = values
+
     def append(self, keys: Tensor, values: Tensor | None, positions: Tensor) -> None:
         """Write ``keys (batch, heads, n, key_dim)`` (and values) after the valid entries;
         ``positions`` broadcastable to ``(batch, heads, n)``."""
@@ -159,9 +168,7 @@ class KVBuffer:
         n = keys.shape[2]
         self._reserve(self.length + n, keys, values)
         end = self.length + n
-        self.keys[:, :, self.length:end] = keys
-        if values is not None:
-            self.values[:, :, self.length:end] = values
+        self._write(self.length, keys, values)
         self.positions[:, :, self.length:end] = positions
         if self.scores is not None:
             self.scores[:, :, self.length:end] = 0
@@ -176,9 +183,7 @@ class KVBuffer:
         if n == 0:  # e.g. a window of 1 keeps no past entry
             return
         self._reserve(n, keys, values)
-        self.keys[:, :, :n] = keys
-        if values is not None:
-            self.values[:, :, :n] = values
+        self._write(0, keys, values)
         self.positions[:, :, :n] = positions
         if scores is not None:
             if self.scores is None or self.scores.shape[2] < self.capacity:
