@@ -130,7 +130,7 @@ class Attention(nn.Module):
         **kind_args: Any,
     ) -> None:
         super().__init__()
-        own = type(self).__dict__.get("kind")
+        own = getattr(type(self), "kind", None)  # a subclass of a kind class keeps its kind
         if not isinstance(own, str):
             raise LeanTypeError(f"{type(self).__name__}: not an attention kind; build "
                                 "Attention(..., kind=...) or one of its kind classes")
