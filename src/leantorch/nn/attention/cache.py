@@ -21,19 +21,38 @@ optional eviction policy (:mod:`leantorch.nn.attention.eviction`) bounds the ent
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from leantorch.errors import LeanError, LeanTypeError, describe
-
-if TYPE_CHECKING:
-    from leantorch.nn.attention.eviction import EvictionPolicy
+from leantorch.nn.attention.eviction import EvictionPolicy, attention_votes
 
 __all__ = ["KVBuffer", "KVCache", "LayerCache", "kv_bytes_per_token"]
+
+#: ``attend(keys, values, key_positions) -> out``: a layer's attention over the entries it is given
+Attend = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
+
+
+def _kept_indices(keep: Tensor) -> Tensor:
+    """``keep (batch, heads, L)`` bool, the same count per row -> ``(batch, heads, count)``
+    ascending indices of the True entries."""
+    count = int(keep[(0,) * (keep.dim() - 1)].sum())
+    return (~keep).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]
+
+
+def _gather_entries(x: Tensor | None, index: Tensor) -> Tensor | None:
+    """Entries ``index`` ((kept,) or (batch, heads, kept)) of ``x (batch, heads, L, ...)``."""
+    if x is None:
+        return None
+    if index.dim() == 1:
+        return x[:, :, index]
+    if x.dim() == 3:
+        return x.gather(2, index)
+    return x.gather(2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
 def kv_bytes_per_token(
@@ -72,7 +91,12 @@ class KVBuffer:
     L, value_dim)`` (None when values are a slice of the keys, as MLA's latent), the absolute
     ``positions (batch, heads, L)`` of the entries and, for heavy-hitter eviction, their
     accumulated attention ``scores (batch, heads, L)``. Storage may be longer than ``length``
-    (preallocated or grown by doubling); only the first ``length`` entries are valid."""
+    (preallocated or grown by doubling); only the first ``length`` entries are valid.
+
+    This class is the one place that stores and returns cached keys and values: the attention
+    layers and :meth:`KVCache.write_and_attend` write through :meth:`append` / :meth:`replace`,
+    reorder through :meth:`evict_one` / :meth:`keep` and read through :meth:`view`, never
+    touching ``keys`` / ``values`` directly (a quantized store changes these methods only)."""
 
     max_len: int | None  # None: grows; an int: fixed capacity
     length: int = 0
@@ -128,6 +152,15 @@ class KVBuffer:
                             f"not fit the cached {tuple(self.keys.shape)} ({self.keys.dtype}); "
                             "use one cache per model and batch (cache.reset() to start over)")
 
+    def _write(self, start: int, keys: Tensor, values: Tensor | None) -> None:
+        """Store ``keys`` (and ``values``) at entries ``start..start + n`` of the reserved
+        storage: the one place new keys and values enter it (a quantized store converts here
+        and in :meth:`view`)."""
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end] = keys
+        if values is not None:
+            self.values[:, :, start:end] = values
+
     def append(self, keys: Tensor, values: Tensor | None, positions: Tensor) -> None:
         """Write ``keys (batch, heads, n, key_dim)`` (and values) after the valid entries;
         ``positions`` broadcastable to ``(batch, heads, n)``."""
@@ -135,9 +168,7 @@ class KVBuffer:
         n = keys.shape[2]
         self._reserve(self.length + n, keys, values)
         end = self.length + n
-        self.keys[:, :, self.length:end] = keys
-        if values is not None:
-            self.values[:, :, self.length:end] = values
+        self._write(self.length, keys, values)
         self.positions[:, :, self.length:end] = positions
         if self.scores is not None:
             self.scores[:, :, self.length:end] = 0
@@ -152,9 +183,7 @@ class KVBuffer:
         if n == 0:  # e.g. a window of 1 keeps no past entry
             return
         self._reserve(n, keys, values)
-        self.keys[:, :, :n] = keys
-        if values is not None:
-            self.values[:, :, :n] = values
+        self._write(0, keys, values)
         self.positions[:, :, :n] = positions
         if scores is not None:
             if self.scores is None or self.scores.shape[2] < self.capacity:
@@ -189,8 +218,8 @@ class KVBuffer:
     def keep(self, mask: Tensor) -> None:
         """Keep the valid entries where ``mask (batch, heads, length)`` is True (the same count
         in every row), in their current order."""
-        count = int(mask[(0,) * (mask.dim() - 1)].sum())
-        index = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]
+        index = _kept_indices(mask)
+        count = index.shape[-1]
         for name in ("keys", "values", "positions", "scores"):
             tensor = getattr(self, name)
             if tensor is None:
@@ -283,12 +312,9 @@ class KVCache:
                 or self.max_len <= 0):
             raise LeanError(f"KVCache: max_len={describe(self.max_len)}; expected a positive int "
                             "(static) or None (dynamic)")
-        if self.policy is not None:
-            from leantorch.nn.attention.eviction import EvictionPolicy
-
-            if not isinstance(self.policy, EvictionPolicy):
-                raise LeanTypeError(f"KVCache: policy={describe(self.policy)}; expected an "
-                                    "EvictionPolicy (StreamingLLM, SnapKV, HeavyHitters) or None")
+        if self.policy is not None and not isinstance(self.policy, EvictionPolicy):
+            raise LeanTypeError(f"KVCache: policy={describe(self.policy)}; expected an "
+                                "EvictionPolicy (StreamingLLM, SnapKV, HeavyHitters) or None")
 
     @classmethod
     def static(cls, max_len: int, policy: EvictionPolicy | None = None) -> KVCache:
@@ -317,6 +343,96 @@ class KVCache:
         if max_len is not None and bound is not None:
             max_len = max(1, min(max_len, bound))
         return KVBuffer(max_len=max_len)
+
+    def write_and_attend(self, entry: LayerCache, keys: Tensor, values: Tensor | None,
+                         positions: Tensor, attend: Attend, *, window: int | None = None,
+                         votes_query: Tensor | Callable[[], Tensor] | None = None,
+                         scale: float = 1.0) -> Tensor:
+        """Write new ``keys (batch, heads, n, key_dim)`` / ``values`` at ``positions (n,)`` to
+        the layer ``entry``'s buffer and return ``attend(keys, values, key_positions)`` over
+        everything the layer sees: the kept entries and the new ones.
+
+        What is kept: everything (no policy, no ``window``); the last ``window - 1`` entries (a
+        sliding window: all the next token can see besides itself; the policy is ignored); or
+        what :attr:`policy` selects, from the attention of ``votes_query (batch, q_heads, n,
+        key_dim)`` (or a callable giving it) over the keys at softmax ``scale``.
+
+        Unbounded layers append in place and attend over a view of the buffer. Bounded layers
+        attend over cached and new entries, then drop the rest:
+
+        * one new token (decoding): appended in place; when it pushes exactly one entry out of
+          each row, the last entry moves into the freed slot, so a step copies O(1) entries,
+          not the whole budget. Entries are then no longer in position order, which softmax
+          attention over past keys does not need (keys carry their RoPE, and every cached entry
+          is visible to every new query);
+        * several new tokens (a prompt): attention over ``cached ++ new``, then the kept entries
+          are gathered into the buffer.
+        """
+        sliding = window is not None
+        policy = None if sliding else self.policy
+        if entry.kv is None:
+            bound = window - 1 if sliding else (
+                policy.budget if policy is not None and policy.bounded else None)
+            # room for one token beyond the bound: decoding appends before it evicts
+            entry.kv = self.new_buffer(None if bound is None else bound + 1)
+        buffer = entry.kv
+        num_new = keys.shape[2]
+        new_positions = positions.expand(keys.shape[0], keys.shape[1], num_new)
+        if not sliding and policy is None:
+            buffer.append(keys, values, new_positions)
+            return attend(*buffer.view())
+
+        in_place = num_new == 1 and (buffer.max_len is None
+                                     or buffer.length + 1 <= buffer.max_len)
+        if in_place:
+            buffer.append(keys, values, new_positions)
+            all_keys, all_values, key_positions = buffer.view()
+        else:
+            cached_keys, cached_values, cached_positions = buffer.view()
+            if cached_keys is None or cached_keys.shape[2] == 0:
+                all_keys, all_values, key_positions = keys, values, new_positions
+            else:
+                if sliding:  # the banded op needs the cached keys back in position order
+                    order = cached_positions[0, 0].argsort()
+                    cached_keys, cached_positions = (cached_keys[:, :, order],
+                                                     cached_positions[:, :, order])
+                    cached_values = _gather_entries(cached_values, order)
+                all_keys = torch.cat((cached_keys, keys), dim=2)
+                all_values = None if values is None else torch.cat((cached_values, values), dim=2)
+                key_positions = torch.cat((cached_positions, new_positions), dim=2)
+        out = attend(all_keys, all_values, key_positions)
+
+        scores = None
+        if sliding:
+            newest = key_positions.amax(dim=-1, keepdim=True)
+            keep = key_positions > newest - (window - 1)
+        else:
+            def votes(last: int) -> Tensor:
+                query = votes_query() if callable(votes_query) else votes_query
+                return attention_votes(query[:, :, -last:], all_keys, scale=scale)
+
+            old_scores = buffer.valid_scores()
+            if in_place and old_scores is not None:
+                old_scores = old_scores[:, :, :-1]
+            keep, scores = policy.select(key_positions, num_new, votes, old_scores)
+
+        if in_place:
+            if scores is not None:
+                buffer.set_scores(scores)
+            if keep is not None:
+                dropped = (~keep).sum(dim=-1)
+                if bool((dropped == 1).all()):
+                    buffer.evict_one(keep.to(torch.uint8).argmin(dim=-1))
+                elif bool(dropped.any()):
+                    buffer.keep(keep)
+            return out
+        if keep is None:
+            buffer.replace(all_keys, all_values, key_positions, scores)
+            return out
+        index = _kept_indices(keep)
+        buffer.replace(_gather_entries(all_keys, index), _gather_entries(all_values, index),
+                       _gather_entries(key_positions, index), _gather_entries(scores, index))
+        return out
 
     def seen_tokens(self, layer_idx: int = 0) -> int:
         """Tokens written to layer ``layer_idx`` so far (the position of the next one)."""

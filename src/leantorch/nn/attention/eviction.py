@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leantorch.errors import LeanError, describe
+from leantorch.validate import positive_int
 
 __all__ = [
     "EvictionPolicy",
@@ -47,12 +48,6 @@ __all__ = [
 ]
 
 Votes = Callable[[int], Tensor]
-
-
-def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LeanError(f"{owner}: {name}={describe(value)}; expected an int >= {minimum}")
-    return value
 
 
 def attention_votes(q: Tensor, k: Tensor, *, scale: float, chunk: int = 128) -> Tensor:
@@ -177,8 +172,8 @@ class StreamingLLM(EvictionPolicy):
     entries; ``budget = sinks + recent``."""
 
     def __init__(self, sinks: int = 4, recent: int = 508) -> None:
-        self.sinks = _positive_int("StreamingLLM", "sinks", sinks, minimum=0)
-        self.recent = _positive_int("StreamingLLM", "recent", recent)
+        self.sinks = positive_int("StreamingLLM", "sinks", sinks, minimum=0)
+        self.recent = positive_int("StreamingLLM", "recent", recent)
         self.budget = self.sinks + self.recent
 
     def __repr__(self) -> str:
@@ -200,12 +195,12 @@ class SnapKV(EvictionPolicy):
 
     def __init__(self, budget: int, window: int = 32, kernel_size: int = 5,
                  pooling: str = "max") -> None:
-        self.budget = _positive_int("SnapKV", "budget", budget)
-        self.window = _positive_int("SnapKV", "window", window)
+        self.budget = positive_int("SnapKV", "budget", budget)
+        self.window = positive_int("SnapKV", "window", window)
         if self.window > self.budget:
             raise LeanError(f"SnapKV: window={window} > budget={budget}; the observation window "
                             "is kept, so budget must be >= window")
-        self.kernel_size = _positive_int("SnapKV", "kernel_size", kernel_size)
+        self.kernel_size = positive_int("SnapKV", "kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise LeanError(f"SnapKV: kernel_size={kernel_size}; expected an odd int (a centred "
                             "pool)")
@@ -235,9 +230,9 @@ class HeavyHitters(EvictionPolicy):
     accumulated attention."""
 
     def __init__(self, budget: int, recent: int | None = None) -> None:
-        self.budget = _positive_int("HeavyHitters", "budget", budget)
+        self.budget = positive_int("HeavyHitters", "budget", budget)
         recent = budget // 2 if recent is None else recent
-        self.recent = _positive_int("HeavyHitters", "recent", recent, minimum=0)
+        self.recent = positive_int("HeavyHitters", "recent", recent, minimum=0)
         if self.recent > self.budget:
             raise LeanError(f"HeavyHitters: recent={recent} > budget={budget}; expected "
                             "0 <= recent <= budget")

@@ -1,5 +1,6 @@
-"""Multi-head latent attention helpers: the exact GQA -> MLA conversion (TransMLA) and the
-folded (absorbed) weight matrices.
+"""Multi-head latent attention (kind ``"mla"``): :class:`LatentAttention` and its
+:class:`MLAConfig`, the exact GQA -> MLA conversion (TransMLA) and the folded (absorbed) weight
+matrices.
 
 MLA (DeepSeek-V2) caches, per token, a latent ``c = x W_DKV`` of size ``d_c`` (``kv_lora_rank``)
 and one small RoPE key ``k_R = RoPE(x W_KR)`` of size ``d_R`` (``rope_dim``) shared by all heads.
@@ -27,19 +28,189 @@ time, since the rotation sits between them).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from leantorch.errors import LeanError, LeanTypeError, describe
-from leantorch.nn.attention.attention import Attention
+from leantorch.nn.attention.base import Attention, missing_hint, split_heads
+from leantorch.nn.attention.cache import kv_bytes_per_token
+from leantorch.nn.attention.rotary import RotaryEmbedding
+from leantorch.ops.attention import attention
+from leantorch.validate import positive_int
 
-__all__ = ["FoldedMLA", "fold_mla_weights", "gqa_to_mla"]
+__all__ = ["FoldedMLA", "LatentAttention", "MLAConfig", "fold_mla_weights", "gqa_to_mla"]
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """``mla``: the cached latent's size and the RoPE parts.
+
+    Args:
+        kv_lora_rank: size ``d_c`` of the cached latent ``c = x W_DKV``.
+        rope_dim: size of the decoupled RoPE part of queries and of the one shared RoPE key
+            (default ``head_dim // 2`` with ``rope=True``, 0 without; resolved by the layer).
+        latent_rope_dim: leading latent channels rotated by RoPE in blocks of ``head_dim`` (the
+            queries' no-RoPE part is then rotated too). 0 for DeepSeek's MLA;
+            :func:`gqa_to_mla` sets it so the converted layer keeps RoPE on the full key.
+    """
+
+    kv_lora_rank: int = field(
+        metadata=missing_hint("the latent size d_c, e.g. kv_lora_rank=4 * head_dim"))
+    rope_dim: int | None = None
+    latent_rope_dim: int = 0
+
+    def __post_init__(self) -> None:
+        positive_int("MLAConfig", "kv_lora_rank", self.kv_lora_rank)
+        if self.rope_dim is not None:
+            positive_int("MLAConfig", "rope_dim", self.rope_dim, minimum=0)
+        positive_int("MLAConfig", "latent_rope_dim", self.latent_rope_dim, minimum=0)
+
+
+class LatentAttention(Attention):
+    """``mla``: multi-head latent attention; keys/values rebuilt from a cached latent (or, in
+    the absorbed form, attended in latent space). See the module docstring."""
+
+    kind = "mla"
+    config_class = MLAConfig
+    supports_key_padding_mask = True
+    has_absorbed_form = True
+    uses_head_rotary = False  # RoPE on the decoupled part and the latent blocks only
+    shares_one_latent = True
+
+    def _build(self, qkv_bias: bool) -> None:
+        config, hd, heads, dim = self.config, self.head_dim, self.num_heads, self.dim
+        rope_dim = config.rope_dim
+        if rope_dim is None:
+            rope_dim = max(2, (hd // 2) // 2 * 2) if self.rope else 0
+        if rope_dim and (not self.rope or rope_dim % 2):
+            raise LeanError(f"Attention: rope_dim={rope_dim} with rope={self.rope}; the decoupled "
+                            "RoPE part needs rope=True and an even size (or rope_dim=0)")
+        latent_rope_dim = config.latent_rope_dim
+        if latent_rope_dim and (not self.rope or hd % 2 or latent_rope_dim % hd
+                                or latent_rope_dim > config.kv_lora_rank):
+            raise LeanError(f"Attention: latent_rope_dim={latent_rope_dim}; expected a multiple "
+                            f"of head_dim={hd} (even) at most kv_lora_rank={config.kv_lora_rank}, "
+                            "with rope=True")
+        self.config = dataclasses.replace(config, rope_dim=rope_dim)  # the resolved default
+        self.kv_lora_rank = config.kv_lora_rank
+        self.rope_dim = rope_dim
+        self.latent_rope_dim = latent_rope_dim
+        self.q_proj = nn.Linear(dim, heads * (hd + rope_dim), bias=qkv_bias)
+        self.kv_down = nn.Linear(dim, self.kv_lora_rank, bias=qkv_bias)        # W_DKV
+        self.k_up = nn.Linear(self.kv_lora_rank, heads * hd, bias=False)      # W_UK
+        self.v_up = nn.Linear(self.kv_lora_rank, heads * hd, bias=False)      # W_UV
+        self.k_rope_proj = nn.Linear(dim, rope_dim, bias=qkv_bias) if rope_dim else None
+        self.rope_rotary = RotaryEmbedding(rope_dim, self.rope_base) if rope_dim else None
+        self.latent_rotary = RotaryEmbedding(hd, self.rope_base) if latent_rope_dim else None
+
+    @property
+    def scale(self) -> float:
+        """``1 / sqrt(head_dim + rope_dim)``: queries and keys carry the RoPE part too."""
+        return (self.head_dim + self.rope_dim) ** -0.5
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """``(kv_lora_rank + rope_dim) * itemsize``: the latent and the shared RoPE key."""
+        return kv_bytes_per_token(latent_dim=self.kv_lora_rank, rope_dim=self.rope_dim,
+                                  dtype=dtype)
+
+    def _rotate_latent(self, latent: Tensor, positions: Tensor) -> Tensor:
+        """Rotate the first ``latent_rope_dim`` channels of ``latent (batch, seq, d_c)`` in blocks
+        of ``head_dim`` (each block is one GQA key head in a converted layer)."""
+        if not self.latent_rope_dim:
+            return latent
+        batch, seq, _ = latent.shape
+        blocks = self.latent_rope_dim // self.head_dim
+        rotated = latent[..., : self.latent_rope_dim].reshape(batch, seq, blocks, self.head_dim)
+        rotated = self.latent_rotary(rotated.transpose(1, 2), positions).transpose(1, 2)
+        return torch.cat((rotated.reshape(batch, seq, -1), latent[..., self.latent_rope_dim:]),
+                         dim=-1)
+
+    def mla_latent(self, x: Tensor, positions: Tensor) -> Tensor:
+        """What MLA caches per token: ``(batch, 1, seq, kv_lora_rank + rope_dim)``, the latent
+        ``c = x W_DKV`` (its first ``latent_rope_dim`` channels rotated) followed by the shared
+        rotated RoPE key ``RoPE(x W_KR)``."""
+        latent = self._rotate_latent(self.kv_down(x), positions).unsqueeze(1)
+        if self.rope_dim:
+            rope_key = self.rope_rotary(self.k_rope_proj(x).unsqueeze(1), positions)
+            latent = torch.cat((latent, rope_key), dim=-1)
+        return latent
+
+    def _mla_queries(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q_nope (batch, heads, seq, head_dim), q_rope (batch, heads, seq, rope_dim))``."""
+        q = split_heads(self.q_proj(x), self.num_heads)
+        q_nope, q_rope = q.split((self.head_dim, self.rope_dim), dim=-1)
+        if self.rope_dim:
+            q_rope = self.rope_rotary(q_rope, positions)
+        if self.latent_rope_dim:
+            q_nope = self.latent_rotary(q_nope, positions)
+        return q_nope, q_rope
+
+    def _mla_absorbed_query(self, q_nope: Tensor, q_rope: Tensor) -> Tensor:
+        """``[q_nope_h W_UK_h^T, q_rope_h]``: a query that scores the cached latent directly."""
+        w_uk = self.k_up.weight.view(self.num_heads, self.head_dim, self.kv_lora_rank)
+        return torch.cat((torch.einsum("bhnd,hdc->bhnc", q_nope, w_uk), q_rope), dim=-1)
+
+    def _mla_unabsorbed(self, q_nope, q_rope, latent, causal, key_padding_mask) -> Tensor:
+        """Rebuild per-head K = [c W_UK, k_rope] and V = c W_UV from the latent and attend."""
+        c = latent[:, 0, :, : self.kv_lora_rank]
+        keys = split_heads(self.k_up(c), self.num_heads)
+        if self.rope_dim:
+            rope_key = latent[:, :, :, self.kv_lora_rank:]
+            keys = torch.cat((keys, rope_key.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        values = split_heads(self.v_up(c), self.num_heads)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        return attention(q, keys, values, causal=causal, key_padding_mask=key_padding_mask,
+                         scale=self.scale)
+
+    def _mla_absorbed(self, q_nope, q_rope, latent, causal, key_padding_mask) -> Tensor:
+        """Attend in latent space: MQA with one KV head whose keys are ``[c, k_R]``; W_UV is
+        applied to the (per-head) result.
+
+        The values are the whole cached row ``[c, k_R]`` and the last ``rope_dim`` output
+        channels are dropped: exactly ``softmax(.) c``, at ``rope_dim / kv_lora_rank`` extra AV
+        work, but with keys and values of one size, so torch's fused SDPA kernel applies (a
+        value size differing from the key size sends SDPA to its math path). When no causal
+        mask is needed (one new token, or ``causal=False``) the heads are folded into the query
+        axis, ``(batch, 1, heads * n, d_c + d_R)``: single-head attention over the latent, with
+        no per-head copy of it.
+        """
+        q = self._mla_absorbed_query(q_nope, q_rope)
+        batch, heads, n, width = q.shape
+        if n == 1 or not causal:
+            folded = attention(q.reshape(batch, 1, heads * n, width), latent, latent,
+                               key_padding_mask=key_padding_mask, scale=self.scale)
+            out = folded.view(batch, heads, n, width)
+        else:
+            out = attention(q, latent, latent, causal=True,
+                            key_padding_mask=key_padding_mask, scale=self.scale)
+        w_uv = self.v_up.weight.view(self.num_heads, self.value_dim, self.kv_lora_rank)
+        return torch.einsum("bhnc,hvc->bhnv", out[..., : self.kv_lora_rank], w_uv)
+
+    def _heads(self, x, positions, cache, entry, key_padding_mask, absorb) -> Tensor:
+        q_nope, q_rope = self._mla_queries(x, positions)
+        latent = self.mla_latent(x, positions)
+        absorb = (entry is not None) if absorb is None else absorb
+        run = self._mla_absorbed if absorb else self._mla_unabsorbed
+        if entry is None:
+            return run(q_nope, q_rope, latent, self.causal, key_padding_mask)
+
+        def attend(keys: Tensor, values: Tensor | None, key_positions: Tensor) -> Tensor:
+            return run(q_nope, q_rope, keys, True, None)
+
+        def votes_query() -> Tensor:
+            return self._mla_absorbed_query(q_nope, q_rope)
+
+        # the latent is both key and value (values=None: the buffer stores it once)
+        return self._write_and_attend(cache, entry, latent, None, positions, attend,
+                                      votes_query)
 
 
 @torch.no_grad()
-def gqa_to_mla(layer: Attention) -> Attention:
+def gqa_to_mla(layer: Attention) -> LatentAttention:
     """An MLA layer computing exactly what the GQA (or MHA / MQA) ``layer`` computes.
 
     Args:
@@ -60,10 +231,10 @@ def gqa_to_mla(layer: Attention) -> Attention:
                         "GQA/MHA/MQA softmax attention layer)")
     heads, kv_heads, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
     weight = layer.q_proj.weight
-    mla = Attention(
-        layer.dim, heads, kind="mla", head_dim=hd, causal=layer.causal,
-        kv_lora_rank=2 * kv_heads * hd, rope_dim=0,
-        latent_rope_dim=kv_heads * hd if layer.rope else None, rope=layer.rope,
+    config = MLAConfig(kv_lora_rank=2 * kv_heads * hd, rope_dim=0,
+                       latent_rope_dim=kv_heads * hd if layer.rope else 0)
+    mla = LatentAttention(
+        layer.dim, heads, head_dim=hd, causal=layer.causal, config=config, rope=layer.rope,
         rope_base=layer.rope_base, qkv_bias=layer.q_proj.bias is not None,
         proj_bias=layer.o_proj.bias is not None, dropout=layer.dropout.p,
         layer_idx=layer.layer_idx,
@@ -102,7 +273,7 @@ class FoldedMLA(NamedTuple):
     output_weight: Tensor
 
 
-def fold_mla_weights(layer: Attention) -> FoldedMLA:
+def fold_mla_weights(layer: LatentAttention) -> FoldedMLA:
     """Multiply W_UK into the query projection and W_UV into the output projection.
 
     The absorbed path of :class:`Attention` applies ``W_UK_h`` to ``q_nope_h`` and ``W_UV_h`` to
@@ -112,7 +283,7 @@ def fold_mla_weights(layer: Attention) -> FoldedMLA:
     layer with ``latent_rope_dim > 0`` (a converted GQA layer), where RoPE sits between W_Q and
     W_UK.
     """
-    if not isinstance(layer, Attention) or layer.kind != "mla":
+    if not isinstance(layer, LatentAttention):
         raise LeanError(f"fold_mla_weights: layer={describe(layer)}; expected an Attention of "
                         "kind 'mla'")
     if layer.latent_rope_dim:

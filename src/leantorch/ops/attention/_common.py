@@ -1,4 +1,11 @@
-"""Argument checks and small helpers shared by every attention op in this package.
+"""Argument checks and small helpers shared by every attention op in this package, including
+the fast paths' own softmax (:func:`masked_softmax`, :func:`dense_attention`).
+
+The fast paths (sliding, top-k, block-sparse) are tested against the reference
+:func:`~leantorch.ops.attention.naive.naive_attention`, so they must not compute through it (a
+bug there would then hide in both): they share the softmax written here instead, which is a
+different spelling of the same math (``torch.softmax`` with empty rows zeroed, grouped heads as
+an extra axis) from the reference's explicit exp / sum.
 
 Shapes follow the package convention: q (batch, q_heads, q_len, head_dim), k (batch, kv_heads,
 k_len, head_dim), v (batch, kv_heads, k_len, value_dim), with q_heads % kv_heads == 0.
@@ -6,6 +13,7 @@ k_len, head_dim), v (batch, kv_heads, k_len, value_dim), with q_heads % kv_heads
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -128,3 +136,33 @@ def causal_allowed(q_len: int, k_len: int, device: torch.device | str | None = N
     query_position = torch.arange(q_start, q_start + q_count, device=device) + (k_len - q_len)
     key_position = torch.arange(k_start, k_start + k_count, device=device)
     return key_position[None, :] <= query_position[:, None]
+
+
+def masked_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last dim of ``scores`` whose masked entries are ``-inf``; a row with no
+    allowed entry gives 0 (not NaN) and zero gradient."""
+    empty = (scores == -math.inf).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
+    return weights.masked_fill(empty, 0.0)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Every score of one block of queries against one range of keys, then a masked softmax.
+
+    Args:
+        q: (batch, q_heads, n, head_dim).
+        k: (batch, kv_heads, m, head_dim); q_heads % kv_heads == 0.
+        v: (batch, kv_heads, m, value_dim).
+        allowed: boolean, broadcastable to (n, m) (True = may attend).
+        scale: multiplies Q K^T.
+
+    Returns:
+        (batch, q_heads, n, value_dim); a query with no allowed key gives 0.
+    """
+    batch, q_heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    # GQA as an explicit group axis: (batch, kv_heads, group, n, head_dim) against each KV head
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, n, head_dim)
+    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2)) * scale
+    weights = masked_softmax(scores.masked_fill(~allowed, -math.inf))
+    return (weights @ v.unsqueeze(2)).reshape(batch, q_heads, n, v.shape[-1])

@@ -2,7 +2,8 @@
 computed; the others are skipped (no FLOPs, no memory).
 
 Per query block, the active key blocks are gathered into one contiguous key range and the block
-is attended with the reference :func:`naive_attention`, so the work is proportional to the
+is attended with dense masked scores and the package's own ``masked_softmax`` (not the
+reference it is tested against), so the work is proportional to the
 number of active blocks. Rows of the mask with fewer active blocks than the busiest row of the
 same query block (in another head or batch element) are padded with masked slots; patterns with
 the same count per row (``random_block_mask``) waste nothing.
@@ -16,8 +17,12 @@ import torch
 from torch import Tensor
 
 from leantorch.errors import LeanError, LeanTypeError, describe
-from leantorch.ops.attention._common import check_positive_int, check_qkv, resolve_scale
-from leantorch.ops.attention.naive import softmax_or_zero
+from leantorch.ops.attention._common import (
+    check_positive_int,
+    check_qkv,
+    masked_softmax,
+    resolve_scale,
+)
 
 __all__ = [
     "block_sparse_attention",
@@ -185,7 +190,7 @@ def block_sparse_attention(
         scores = (queries @ keys.transpose(-1, -2)).mul_(scale)
         if shared:
             scores = scores.view(b, hk, g, rows, -1)
-        weights = softmax_or_zero(scores.masked_fill(~allowed, -math.inf))
+        weights = masked_softmax(scores.masked_fill(~allowed, -math.inf))
         if shared:
             weights = weights.view(b, hk, g * rows, -1)
         out[:, :, q0:q1] = (weights @ values).view(b, hq, rows, dv)

@@ -2,8 +2,9 @@
 O(n * window), not a masked dense (n x n) matrix.
 
 Both reduce to "query i may see keys lo[i] <= j < hi[i]" with lo and hi non-decreasing in i, so
-a block of queries needs only the key range [lo[first], hi[last]): each block runs the reference
-:func:`naive_attention` on that range with the exact window mask. With a block of ``block``
+a block of queries needs only the key range [lo[first], hi[last]): each block runs dense masked
+attention (``_common.dense_attention``, not the reference it is tested against) on that range
+with the exact window mask. With a block of ``block``
 queries and a window of ``window`` keys, a query is scored against block + window - 1 keys
 (about 2 * window with the default block), which is what ``leantorch.measure`` counts.
 
@@ -17,8 +18,12 @@ import torch
 from torch import Tensor
 
 from leantorch.errors import LeanError, describe
-from leantorch.ops.attention._common import check_positive_int, check_qkv, resolve_scale
-from leantorch.ops.attention.naive import naive_attention
+from leantorch.ops.attention._common import (
+    check_positive_int,
+    check_qkv,
+    dense_attention,
+    resolve_scale,
+)
 
 __all__ = ["neighborhood_attention_2d", "sliding_window_attention", "window_bounds"]
 
@@ -60,8 +65,8 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: floa
             continue
         keys = torch.arange(k0, k1, device=q.device)
         allowed = (keys >= lo[q0:q1, None]) & (keys < hi[q0:q1, None])
-        pieces.append(naive_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
-                                      mask=allowed, scale=scale))
+        pieces.append(dense_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], allowed,
+                                      scale))
     return torch.cat(pieces, 2)
 
 
@@ -205,11 +210,11 @@ def neighborhood_attention_2d(
                     # (query row, query col, key row, key col) -> (queries, keys)
                     allowed = (rows_ok[:, None, :, None] & cols_ok[None, :, None, :]).reshape(
                         (y1 - y0) * (x1 - x0), (ky1 - ky0) * (kx1 - kx0))
-                    tile_out = naive_attention(
+                    tile_out = dense_attention(
                         q_sub[:, :, y0:y1, x0:x1].reshape(b, hq, -1, d),
                         k_sub[:, :, ky0:ky1, kx0:kx1].reshape(b, hk, -1, d),
                         v_sub[:, :, ky0:ky1, kx0:kx1].reshape(b, hk, -1, dv),
-                        mask=allowed.to(q.device), scale=scale)
+                        allowed.to(q.device), scale)
                     sub_out[:, :, y0:y1, x0:x1] = tile_out.view(b, hq, y1 - y0, x1 - x0, dv)
             out[:, :, row_residue::dilation, col_residue::dilation] = sub_out
     return out.view(b, hq, height * width, dv)

@@ -23,9 +23,9 @@ from leantorch.ops.attention._common import (
     check_mask,
     check_positive_int,
     check_qkv,
+    masked_softmax,
     resolve_scale,
 )
-from leantorch.ops.attention.naive import softmax_or_zero
 
 __all__ = ["topk_attention"]
 
@@ -107,7 +107,7 @@ def topk_attention(
             padding = ~key_padding_mask[:, None, None, None, :keys_seen]
             view.masked_fill_(padding, -math.inf)
         kept_scores, kept = scores.topk(min(topk, keys_seen), dim=-1, sorted=False)
-        weights = softmax_or_zero(kept_scores)  # (b, hk, g * rows, topk)
+        weights = masked_softmax(kept_scores)  # (b, hk, g * rows, topk)
         kept_values = v[batch_index, head_index, kept]  # (b, hk, g * rows, topk, dv)
         block_out = (weights.unsqueeze(-2) @ kept_values).squeeze(-2)
         out[:, :, q0:q1] = block_out.view(b, hq, rows, dv)
