@@ -269,7 +269,8 @@ def test_active_params_are_router_plus_k_experts_plus_shared_bias() -> None:
 
 
 # --------------------------------------------------------------------------- upcycling
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [  # each transformers model traces three times: seconds
+    pytest.param(name, marks=() if name == "lean" else pytest.mark.slow) for name in sorted(MODELS)])
 def test_upcycled_model_equals_the_dense_one_for_any_router(name) -> None:
     model = MODELS[name]()
     for k, std in ((1, 0.02), (2, 3.0), (3, 10.0)):

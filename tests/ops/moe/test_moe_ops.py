@@ -26,6 +26,7 @@ from leantorch.ops.moe import (
     z_loss,
 )
 from leantorch.ops.moe.naive import (
+    activation_naive,
     balance_loss_naive,
     kept_by_capacity_naive,
     moe_naive,
@@ -403,3 +404,19 @@ def test_loop_inference_path_equals_the_autograd_loop(activation, gated, bias) -
         expected.append(a @ w_out[e] + (b_out[e] if bias else 0))
         start += n
     torch.testing.assert_close(inferred, torch.cat(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_naive_activations_are_their_formulas() -> None:
+    # the reference's own activations, against torch's and against values computed by hand
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    torch_fns = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.sigmoid,
+                 "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+    for name, fn in torch_fns.items():
+        expected = x * fn(x) if name == "silu" else fn(x)
+        torch.testing.assert_close(activation_naive(name, x), expected, rtol=1e-14, atol=1e-15)
+    one = torch.ones((), dtype=torch.float64)
+    assert float(activation_naive("gelu", one)) == pytest.approx(0.8413447460685429, abs=1e-15)
+    assert float(activation_naive("silu", -one)) == pytest.approx(-0.2689414213699951, abs=1e-15)
+    assert float(activation_naive("relu", -one)) == 0.0
+    with pytest.raises(LeanError, match="name='tanh'; expected one of"):
+        activation_naive("tanh", x)
