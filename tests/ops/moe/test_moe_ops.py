@@ -120,14 +120,14 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity() -> None:
 
 
 def test_routing_rejects_bad_arguments_with_the_value_seen() -> None:
-    with pytest.raises(LeanError, match=r"k must be an integer in \[1, 3\].*got 4"):
+    with pytest.raises(LeanError, match=r"k=4; expected an int in \[1, 3\]"):
         topk_routing(torch.randn(2, 3), 4)
-    with pytest.raises(LeanError, match="gates must be one of"):
+    with pytest.raises(LeanError, match="gates='softmax'; expected one of"):
         topk_routing(torch.randn(2, 3), 1, gates="softmax")
     with pytest.raises(LeanError, match="tokens, experts"):
         topk_routing(torch.randn(2, 3, 4), 1)
     with pytest.raises(LeanError, match="capacity_factor"):
-        capacity_for(10, 2, 4, 0.0)
+        capacity_for(10, num_experts=4, k=2, capacity_factor=0.0)
 
 
 # --------------------------------------------------------------------------- losses
