@@ -140,6 +140,27 @@ class Twisted(nn.Module):
         return x + self.fc2(h)  # "residual": the module does more than the FFN
 
 
+class Hidden(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.dense, self.act, self.drop = nn.Linear(D, FF), nn.ReLU(), nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.act(self.dense(x)))
+
+
+class PostNorm(nn.Module):
+    """BERT's layout: one module makes the hidden units, the output projection is elsewhere
+    (and this module adds a residual, so it is not the FFN itself)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.hidden, self.out = Hidden(p), nn.Linear(FF, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out(self.hidden(x))
+
+
 class Zoo(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -149,6 +170,7 @@ class Zoo(nn.Module):
                                             nn.Linear(FF, D))
         self.scaled, self.peek = Twisted("scaled"), Twisted("peek")
         self.residual = Twisted("residual")
+        self.post, self.post_dropout = PostNorm(0.0), PostNorm(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(m(x) for m in self.children())
@@ -162,30 +184,36 @@ def zoo() -> nn.Module:
 def test_ffns_are_found_through_the_graph_not_by_names() -> None:
     model, x = zoo(), torch.randn(2, 5, D, dtype=torch.float64)
     sites, skipped = search_ffns(model, x)
-    assert [(s.path, s.kind, s.activation, s.gated) for s in sites] == [
-        ("renamed", "dense", "silu", False), ("up_first", "gated", "gelu_tanh", True)]
+    assert [(s.path, s.kind, s.activation, s.gated, s.identity_path) for s in sites] == [
+        ("renamed", "dense", "silu", False, None), ("up_first", "gated", "gelu_tanh", True, None),
+        ("post.hidden", "bert", "relu", False, "post.out")]
     gated = sites[1]
     # gate columns first, whatever order the module defines and calls them in
     assert torch.equal(gated.w_in[:, :FF], model.up_first.gate.weight.t())
     assert torch.equal(gated.w_in[:, FF:], model.up_first.up.weight.t())
-    assert sorted(skipped) == ["hidden_dropout", "peek", "residual", "scaled", "tanh_mlp"]
+    assert sorted(skipped) == ["hidden_dropout", "peek", "post_dropout", "residual", "scaled",
+                               "tanh_mlp"]
+    assert "post_dropout.hidden.drop applies dropout (p=0.1)" in skipped["post_dropout"]
     assert "tanh_mlp.1 (Tanh) is not one of leantorch's activations" in skipped["tanh_mlp"]
     assert "hidden_dropout.2 applies dropout (p=0.1)" in skipped["hidden_dropout"]
     assert "another operation sits between" in skipped["scaled"]
     assert "the hidden units feed peek.fc2, peek.probe" in skipped["peek"]
     assert "no module computes exactly this FFN" in skipped["residual"]
-    for site in sites:  # the site is the module's function
+    for site in sites[:2]:  # the site is the module's function
         torch.testing.assert_close(site.forward(x), model.get_submodule(site.path)(x),
                                    rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sites[2].hidden_units(x), model.post.hidden(x), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_split_converts_what_the_graph_found_and_reports_the_rest() -> None:
     model, x = zoo(), torch.randn(2, 5, D, dtype=torch.float64)
     split, change = moefy_split(model, num_experts=4, k=4, partition="random",
                                 router="random", example_inputs=x)
-    assert change.replaced == ["renamed", "up_first"]
-    assert sorted(change.skipped) == ["hidden_dropout", "peek", "residual", "scaled",
-                                      "tanh_mlp"]
+    assert change.replaced == ["renamed", "up_first", "post.hidden", "post.out"]
+    assert isinstance(split.post.out, nn.Identity)
+    assert sorted(change.skipped) == ["hidden_dropout", "peek", "post_dropout", "residual",
+                                      "scaled", "tanh_mlp"]
     assert isinstance(split.tanh_mlp, nn.Sequential)  # left alone
     with torch.no_grad():
         torch.testing.assert_close(split(x), model(x), rtol=1e-11, atol=1e-11)

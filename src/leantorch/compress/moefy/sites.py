@@ -369,6 +369,10 @@ def _site_of(candidate: _Candidate, calls: dict[str, _Call], model: nn.Module
         if x_path is None or call.output is not hidden or x_path.shape[-1:] != x.shape[-1:]:
             continue
         if _close(hidden, site.hidden_units(x_path.to(w_in.dtype)).to(hidden.dtype)):
+            # no output inside this module: any dropout in it acts on the hidden units
+            dropout = _output_dropout(path, "", calls, model)
+            if isinstance(dropout, str):
+                return dropout
             site.path, site.kind, site.identity_path = path, "bert", candidate.reader
             return site
     where = f"inside {scope}" if scope else "in the model itself"
@@ -386,7 +390,7 @@ def _output_dropout(scope: str, reader: str, calls: dict[str, _Call], model: nn.
         module = model.get_submodule(path)
         if not _inside(path, scope) or not isinstance(module, _DROPOUTS) or module.p == 0:
             continue
-        if reader in calls and call.args and call.args[0] is calls[reader].output:
+        if reader and call.args and call.args[0] is calls[reader].output:
             p_out = float(module.p)
         else:
             return (f"{path} applies dropout (p={module.p}) inside the FFN, not to its "
