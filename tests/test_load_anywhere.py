@@ -138,6 +138,13 @@ def llama() -> nn.Module:
         intermediate_size=FF, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)).eval()
 
 
+def mixtral() -> nn.Module:
+    return T.MixtralForCausalLM(T.MixtralConfig(
+        hidden_size=D, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB,
+        bos_token_id=0, eos_token_id=0)).eval()
+
+
 def net() -> nn.Module:
     """Torch layers only (loading it needs no transformers): an FFN, then a head."""
     ffn = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
@@ -192,6 +199,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Steps]] = {
         ("moefy.upcycle", {"num_experts": 2, "k": 1, "noise": 0.01}),
         ("quant.int8_dynamic", {}))),
     "llama_sublayers": (llama, ids, (("prune.sublayers", {"count": 1}),)),
+    "mixtral_convert": (mixtral, ids, (("moefy.convert_mixtral", {}),)),
 }
 
 # The same transforms on transformers models (their own layer types: GPT-2's Conv1D, BERT's

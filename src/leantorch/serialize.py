@@ -565,9 +565,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     for module_path, arch in sorted(header["overrides"].items(), key=lambda kv: kv[0].count(".")):
         new = build(arch)
         if module_path:
-            from leantorch.compress.change import replace_module
-
-            replace_module(target, module_path, new)
+            # torch's own setter, not compress.change.replace_module: serialize sits below
+            # compress and must not import it
+            try:
+                target.set_submodule(module_path, new, strict=True)
+            except AttributeError as error:
+                raise LeanError(f"load: the file replaces the module at {module_path!r}, which "
+                                f"{type(target).__name__} does not have") from error
         else:
             target = new
     for entry in header["parametrizations"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import leantorch
@@ -12,6 +13,7 @@ from leantorch.compress.moefy import (
     moefy_split,
     moefy_upcycle,
     partition_neurons,
+    search_ffns,
     split_ffn,
 )
 from leantorch.compress.registry import get_transform
@@ -82,19 +84,147 @@ def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- finding
 def test_find_ffns_names_each_kind_by_path() -> None:
-    assert [(s.path, s.kind, s.activation) for s in find_ffns(bert())] == [
+    assert [(s.path, s.kind, s.activation) for s in find_ffns(bert(), _ids())] == [
         ("encoder.layer.0.intermediate", "bert", "gelu"),
         ("encoder.layer.1.intermediate", "bert", "gelu")]
-    assert [(s.path, s.kind, s.activation, s.dropout) for s in find_ffns(gpt2())] == [
+    assert [(s.path, s.kind, s.activation, s.dropout) for s in find_ffns(gpt2(), _ids())] == [
         ("transformer.h.0.mlp", "gpt2", "gelu_tanh", 0.1),
         ("transformer.h.1.mlp", "gpt2", "gelu_tanh", 0.1)]
-    assert [(s.path, s.kind, s.gated) for s in find_ffns(llama())] == [
+    assert [(s.path, s.kind, s.gated) for s in find_ffns(llama(), _ids())] == [
         ("model.layers.0.mlp", "gated", True), ("model.layers.1.mlp", "gated", True)]
-    assert [(s.path, s.kind) for s in find_ffns(lean())] == [("ffn", "leantorch"),
+    assert [(s.path, s.kind) for s in find_ffns(lean(), _ids())] == [("ffn", "leantorch"),
                                                              ("mlp", "sequential")]
-    assert [s.path for s in find_ffns(bert(), include="*.1.*")] == [
+    assert [s.path for s in find_ffns(bert(), _ids(), include="*.1.*")] == [
         "encoder.layer.1.intermediate"]
-    assert find_ffns(bert(), exclude="encoder.*") == []
+    assert find_ffns(bert(), _ids(), exclude="encoder.*") == []
+
+
+class Renamed(nn.Module):
+    """An FFN under names no list knows, with a functional activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Linear(D, FF), nn.Linear(FF, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.beta(F.silu(self.alpha(x)))
+
+
+class UpFirst(nn.Module):
+    """A gated FFN whose up projection is defined and called before its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.gate = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
+        self.out = nn.Linear(FF, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(x) * F.gelu(self.gate(x), approximate="tanh"))
+
+
+class Twisted(nn.Module):
+    """fc1 -> (something) -> fc2, where the something makes it no plain FFN."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc1, self.fc2 = nn.Linear(D, FF), nn.Linear(FF, D)
+        self.probe = nn.Linear(FF, D) if how == "peek" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        if self.how == "scaled":
+            return self.fc2(2.0 * h)
+        if self.how == "peek":  # the hidden units are read by a second projection
+            return self.fc2(h) + self.probe(h)
+        return x + self.fc2(h)  # "residual": the module does more than the FFN
+
+
+class Hidden(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.dense, self.act, self.drop = nn.Linear(D, FF), nn.ReLU(), nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.act(self.dense(x)))
+
+
+class PostNorm(nn.Module):
+    """BERT's layout: one module makes the hidden units, the output projection is elsewhere
+    (and this module adds a residual, so it is not the FFN itself)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.hidden, self.out = Hidden(p), nn.Linear(FF, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out(self.hidden(x))
+
+
+class Zoo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renamed, self.up_first = Renamed(), UpFirst()
+        self.tanh_mlp = nn.Sequential(nn.Linear(D, FF), nn.Tanh(), nn.Linear(FF, D))
+        self.hidden_dropout = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Dropout(0.1),
+                                            nn.Linear(FF, D))
+        self.scaled, self.peek = Twisted("scaled"), Twisted("peek")
+        self.residual = Twisted("residual")
+        self.post, self.post_dropout = PostNorm(0.0), PostNorm(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(m(x) for m in self.children())
+
+
+def zoo() -> nn.Module:
+    torch.manual_seed(0)
+    return Zoo().eval().double()
+
+
+def test_ffns_are_found_through_the_graph_not_by_names() -> None:
+    model, x = zoo(), torch.randn(2, 5, D, dtype=torch.float64)
+    sites, skipped = search_ffns(model, x)
+    assert [(s.path, s.kind, s.activation, s.gated, s.identity_path) for s in sites] == [
+        ("renamed", "dense", "silu", False, None), ("up_first", "gated", "gelu_tanh", True, None),
+        ("post.hidden", "bert", "relu", False, "post.out")]
+    gated = sites[1]
+    # gate columns first, whatever order the module defines and calls them in
+    assert torch.equal(gated.w_in[:, :FF], model.up_first.gate.weight.t())
+    assert torch.equal(gated.w_in[:, FF:], model.up_first.up.weight.t())
+    assert sorted(skipped) == ["hidden_dropout", "peek", "post_dropout", "residual", "scaled",
+                               "tanh_mlp"]
+    assert "post_dropout.hidden.drop applies dropout (p=0.1)" in skipped["post_dropout"]
+    assert "tanh_mlp.1 (Tanh) is not one of leantorch's activations" in skipped["tanh_mlp"]
+    assert "hidden_dropout.2 applies dropout (p=0.1)" in skipped["hidden_dropout"]
+    assert "another operation sits between" in skipped["scaled"]
+    assert "the hidden units feed peek.fc2, peek.probe" in skipped["peek"]
+    assert "no module computes exactly this FFN" in skipped["residual"]
+    for site in sites[:2]:  # the site is the module's function
+        torch.testing.assert_close(site.forward(x), model.get_submodule(site.path)(x),
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sites[2].hidden_units(x), model.post.hidden(x), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_split_converts_what_the_graph_found_and_reports_the_rest() -> None:
+    model, x = zoo(), torch.randn(2, 5, D, dtype=torch.float64)
+    split, change = moefy_split(model, num_experts=4, k=4, partition="random",
+                                router="random", example_inputs=x)
+    assert change.replaced == ["renamed", "up_first", "post.hidden", "post.out"]
+    assert isinstance(split.post.out, nn.Identity)
+    assert sorted(change.skipped) == ["hidden_dropout", "peek", "post_dropout", "residual",
+                                      "scaled", "tanh_mlp"]
+    assert isinstance(split.tanh_mlp, nn.Sequential)  # left alone
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), rtol=1e-11, atol=1e-11)
+
+
+def test_without_example_inputs_only_feedforward_modules_are_found() -> None:
+    ffn = nn.Sequential(FeedForward(D, FF, "relu", gated=False).double())
+    up, change = moefy_upcycle(ffn, num_experts=2, k=1)
+    assert change.replaced == ["0"] and isinstance(up[0], MoE)
+    with pytest.raises(LeanError, match="pass example_inputs="):
+        moefy_upcycle(zoo(), num_experts=2, k=1)
 
 
 # --------------------------------------------------------------------------- exact split
@@ -158,7 +288,8 @@ def test_calibrated_router_picks_k_experts_better_than_chance() -> None:
 
 
 def test_active_params_are_router_plus_k_experts_plus_shared_bias() -> None:
-    _, change = moefy_split(bert(), num_experts=4, k=2, partition="random", router="random")
+    _, change = moefy_split(bert(), num_experts=4, k=2, partition="random", router="random",
+                            example_inputs=_ids())
     expert = D * 10 + 10 + 10 * D  # w_in, b_in, w_out of 10 hidden units
     router = 4 * D + 4
     assert change.details["encoder.layer.0.intermediate"]["active_params"] == \
@@ -166,11 +297,13 @@ def test_active_params_are_router_plus_k_experts_plus_shared_bias() -> None:
 
 
 # --------------------------------------------------------------------------- upcycling
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [  # each transformers model traces three times: seconds
+    pytest.param(name, marks=() if name == "lean" else pytest.mark.slow) for name in sorted(MODELS)])
 def test_upcycled_model_equals_the_dense_one_for_any_router(name) -> None:
     model = MODELS[name]()
     for k, std in ((1, 0.02), (2, 3.0), (3, 10.0)):
-        up, change = moefy_upcycle(model, num_experts=3, k=k, router_std=std, seed=k)
+        up, change = moefy_upcycle(model, num_experts=3, k=k, router_std=std, seed=k,
+                                   example_inputs=_ids())
         torch.testing.assert_close(_out(up, _ids()), _out(model, _ids()), rtol=1e-11,
                                    atol=1e-11)
     assert up.get_submodule(change.replaced[0]).num_experts == 3
@@ -178,7 +311,7 @@ def test_upcycled_model_equals_the_dense_one_for_any_router(name) -> None:
 
 def test_upcycling_noise_breaks_the_symmetry() -> None:
     model = llama()
-    up, _ = moefy_upcycle(model, num_experts=3, k=2, noise=0.05)
+    up, _ = moefy_upcycle(model, num_experts=3, k=2, noise=0.05, example_inputs=_ids())
     layer = up.get_submodule("model.layers.0.mlp")
     assert not torch.equal(layer.experts.w_in[0], layer.experts.w_in[1])
     assert not torch.allclose(_out(up, _ids()), _out(model, _ids()))
@@ -217,8 +350,8 @@ def test_errors_say_what_to_do() -> None:
     with pytest.raises(LeanError, match="k=5 is more than num_experts=4"):
         moefy_upcycle(bert(), num_experts=4, k=5)
     with pytest.raises(LeanError, match="no dense FFN matched"):
-        moefy_upcycle(bert(), include="nothing.*")
-    with pytest.raises(LeanError, match="partition must be one of"):
+        moefy_upcycle(bert(), include="nothing.*", example_inputs=_ids())
+    with pytest.raises(LeanError, match=r"partition='kmeans'; expected one of 'cluster'"):
         moefy_split(bert(), partition="kmeans", calibration=_calibration())
     with pytest.raises(LeanError, match="set by the FFN"):
-        moefy_upcycle(bert(), activation="relu")
+        moefy_upcycle(bert(), activation="relu", example_inputs=_ids())

@@ -100,8 +100,9 @@ class ExpertParallelExperts(nn.Module):
         self.sizes = expert_partition(self.num_experts, self.world_size)
         self.first = sum(self.sizes[: self.rank])
         self.num_local = self.sizes[self.rank]
-        local = StackedExperts(self.num_local, experts.dim, experts.hidden, experts.activation,
-                               experts.gated, experts.b_in is not None, experts.backend)
+        local = StackedExperts(dim=experts.dim, hidden=experts.hidden,
+                               num_experts=self.num_local, activation=experts.activation,
+                               gated=experts.gated, bias=experts.bias, backend=experts.backend)
         local = local.to(device=experts.w_in.device, dtype=experts.w_in.dtype)
         block = slice(self.first, self.first + self.num_local)
         with torch.no_grad():
@@ -109,6 +110,7 @@ class ExpertParallelExperts(nn.Module):
             local.w_out.copy_(experts.w_out[block])
             if experts.b_in is not None:
                 local.b_in.copy_(experts.b_in[block])
+            if experts.b_out is not None:  # bias="in" (an exact split) has none
                 local.b_out.copy_(experts.b_out[block])
         self.local = local
         self.dim, self.hidden = experts.dim, experts.hidden

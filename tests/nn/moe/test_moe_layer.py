@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import leantorch
 from leantorch.errors import LeanError
-from leantorch.nn.moe import FeedForward, MoE, moe_aux_loss
+from leantorch.nn.moe import FeedForward, MoE, StackedExperts, moe_aux_loss
 from leantorch.ops.moe.naive import kept_by_capacity_naive, moe_naive
 from tests.conftest import count
 
@@ -333,7 +333,7 @@ def test_save_load_round_trips_bit_exactly(tmp_path) -> None:
 def test_bad_arguments_name_the_value_seen() -> None:
     with pytest.raises(LeanError, match="k=5 is more than num_experts=4"):
         MoE(D, H, 4, 5)
-    with pytest.raises(LeanError, match="balance must be one of"):
+    with pytest.raises(LeanError, match="balance='batch'; expected one of 'micro', 'global', None"):
         MoE(D, H, 4, 2, balance="batch")
     with pytest.raises(LeanError, match="expert_choice routing does not take"):
         MoE(D, H, 4, 2, routing="expert_choice", zero_experts=1)
@@ -343,3 +343,20 @@ def test_bad_arguments_name_the_value_seen() -> None:
         MoE(D, H, 4, 2, activation="tanh")
     with pytest.raises(LeanError, match="prev_experts"):
         MoE(D, H, 4, 2)(torch.randn(3, D), prev_router_logits=torch.randn(3, 4))
+
+
+def test_expert_sizes_read_dim_hidden_num_experts_everywhere() -> None:
+    # one order for expert shapes: dim, hidden, num_experts (MoE, FeedForward, Router agree);
+    # StackedExperts takes them by keyword so an old (num_experts, dim, hidden) call fails
+    experts = StackedExperts(dim=8, hidden=6, num_experts=3, gated=False)
+    assert experts.w_in.shape == (3, 8, 6) and experts.w_out.shape == (3, 6, 8)
+    assert list(experts.spec())[:3] == ["dim", "hidden", "num_experts"]
+    with pytest.raises(TypeError):
+        StackedExperts(3, 8, 6)  # type: ignore[misc]
+    moe = MoE(8, 6, 3, 2)
+    assert (moe.experts.dim, moe.experts.hidden, moe.experts.num_experts) == (8, 6, 3)
+    assert FeedForward(8, 6).w_out.shape == (6, 8)
+    with pytest.raises(LeanError, match="StackedExperts: num_experts=0; expected an int >= 1"):
+        StackedExperts(dim=8, hidden=6, num_experts=0)
+    with pytest.raises(LeanError, match="MoE: zero_experts=-1; expected an int >= 0"):
+        MoE(8, 6, 3, 2, zero_experts=-1)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import leantorch
+from leantorch.compress.moefy import convert_mixtral
 from leantorch.errors import LeanError
-from leantorch.nn.moe import MoE, convert_mixtral, from_mixtral, to_mixtral
+from leantorch.nn.moe import MoE, from_mixtral, to_mixtral
 
 T = pytest.importorskip("transformers")
 mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")

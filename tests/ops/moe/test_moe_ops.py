@@ -26,6 +26,7 @@ from leantorch.ops.moe import (
     z_loss,
 )
 from leantorch.ops.moe.naive import (
+    activation_naive,
     balance_loss_naive,
     kept_by_capacity_naive,
     moe_naive,
@@ -119,14 +120,14 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity() -> None:
 
 
 def test_routing_rejects_bad_arguments_with_the_value_seen() -> None:
-    with pytest.raises(LeanError, match=r"k must be an integer in \[1, 3\].*got 4"):
+    with pytest.raises(LeanError, match=r"k=4; expected an int in \[1, 3\]"):
         topk_routing(torch.randn(2, 3), 4)
-    with pytest.raises(LeanError, match="gates must be one of"):
+    with pytest.raises(LeanError, match="gates='softmax'; expected one of"):
         topk_routing(torch.randn(2, 3), 1, gates="softmax")
     with pytest.raises(LeanError, match="tokens, experts"):
         topk_routing(torch.randn(2, 3, 4), 1)
     with pytest.raises(LeanError, match="capacity_factor"):
-        capacity_for(10, 2, 4, 0.0)
+        capacity_for(10, num_experts=4, k=2, capacity_factor=0.0)
 
 
 # --------------------------------------------------------------------------- losses
@@ -403,3 +404,19 @@ def test_loop_inference_path_equals_the_autograd_loop(activation, gated, bias) -
         expected.append(a @ w_out[e] + (b_out[e] if bias else 0))
         start += n
     torch.testing.assert_close(inferred, torch.cat(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_naive_activations_are_their_formulas() -> None:
+    # the reference's own activations, against torch's and against values computed by hand
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    torch_fns = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.sigmoid,
+                 "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+    for name, fn in torch_fns.items():
+        expected = x * fn(x) if name == "silu" else fn(x)
+        torch.testing.assert_close(activation_naive(name, x), expected, rtol=1e-14, atol=1e-15)
+    one = torch.ones((), dtype=torch.float64)
+    assert float(activation_naive("gelu", one)) == pytest.approx(0.8413447460685429, abs=1e-15)
+    assert float(activation_naive("silu", -one)) == pytest.approx(-0.2689414213699951, abs=1e-15)
+    assert float(activation_naive("relu", -one)) == 0.0
+    with pytest.raises(LeanError, match="name='tanh'; expected one of"):
+        activation_naive("tanh", x)

@@ -15,27 +15,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from leantorch.errors import LeanError, describe
 from leantorch.ops.moe.dispatch import BACKENDS, activation_fn, expert_mlp
 from leantorch.serialize import register_module
+from leantorch.validate import one_of, positive_int
 
 __all__ = ["FeedForward", "StackedExperts"]
-
-
-def _positive(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LeanError(f"{owner}: {name} must be a positive integer, got {describe(value)}")
-    return value
 
 
 @register_module(name="leantorch.StackedExperts")
 class StackedExperts(nn.Module):
     """``num_experts`` FFN experts in stacked tensors.
 
+    The sizes are keyword-only (``StackedExperts(dim=..., hidden=..., num_experts=...)``), in
+    the order every MoE constructor uses: ``dim``, ``hidden``, then ``num_experts``.
+
     Args:
-        num_experts: E.
         dim: model width (expert input and output).
         hidden: each expert's hidden width.
+        num_experts: E.
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``.
         gated: GLU expert ``act(x W_gate) * (x W_up)`` (SwiGLU with silu, GeGLU with gelu).
         bias: biases on both projections (BERT / GPT-2 style FFNs have them); ``"in"``: on
@@ -46,19 +43,15 @@ class StackedExperts(nn.Module):
     expert -> ``(S, dim)``.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "silu",
+    def __init__(self, *, dim: int, hidden: int, num_experts: int, activation: str = "silu",
                  gated: bool = True, bias: bool | str = False, backend: str = "auto") -> None:
         super().__init__()
-        self.num_experts = _positive("StackedExperts", "num_experts", num_experts)
-        self.dim = _positive("StackedExperts", "dim", dim)
-        self.hidden = _positive("StackedExperts", "hidden", hidden)
+        self.dim = positive_int("StackedExperts", "dim", dim)
+        self.hidden = positive_int("StackedExperts", "hidden", hidden)
+        self.num_experts = positive_int("StackedExperts", "num_experts", num_experts)
         activation_fn(activation)
-        if backend not in BACKENDS:
-            raise LeanError(f"StackedExperts: backend must be one of {', '.join(BACKENDS)}, "
-                            f"got {backend!r}")
-        if bias not in (True, False, "in"):
-            raise LeanError(f"StackedExperts: bias must be True, False or 'in', got "
-                            f"{describe(bias)}")
+        one_of("StackedExperts", "backend", backend, BACKENDS)
+        one_of("StackedExperts", "bias", bias, (True, False, "in"))
         self.activation, self.gated, self.backend = activation, bool(gated), backend
         self.bias = bias
         width = hidden * (2 if gated else 1)
@@ -78,12 +71,12 @@ class StackedExperts(nn.Module):
                     b.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def spec(self) -> dict[str, Any]:
-        return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden,
+        return {"dim": self.dim, "hidden": self.hidden, "num_experts": self.num_experts,
                 "activation": self.activation, "gated": self.gated, "bias": self.bias,
                 "backend": self.backend}
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+        return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
                 f"activation={self.activation}, gated={self.gated}, bias={self.bias}, "
                 f"backend={self.backend}")
 
@@ -124,8 +117,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str = "silu", gated: bool = True,
                  bias: bool = False) -> None:
         super().__init__()
-        self.dim = _positive("FeedForward", "dim", dim)
-        self.hidden = _positive("FeedForward", "hidden", hidden)
+        self.dim = positive_int("FeedForward", "dim", dim)
+        self.hidden = positive_int("FeedForward", "hidden", hidden)
         self.act = activation_fn(activation)
         self.activation, self.gated = activation, bool(gated)
         width = hidden * (2 if gated else 1)

@@ -6,6 +6,9 @@ rows first, then up) and ``experts.down_proj (E, dim, hidden)``, i.e. each exper
 ``w_out (E, hidden, dim)``), so the conversion is a transpose of each expert. The router is the
 same computation (``F.linear`` of the same weight, softmax in float32, top-k, renormalised), so
 the two layers choose the same experts bit for bit.
+
+Swapping every block of a whole model is a model transform:
+:func:`leantorch.compress.moefy.convert_mixtral` (registered as ``"moefy.convert_mixtral"``).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantorch.compress.change import Change, apply_transform, replace_module, select_modules
 from leantorch.errors import LeanError, LeanTypeError
 from leantorch.nn.moe.layer import MoE
 
-__all__ = ["convert_mixtral", "from_mixtral", "to_mixtral"]
+__all__ = ["from_mixtral", "to_mixtral"]
 
 # transformers' activation names -> ours
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
@@ -116,23 +118,3 @@ def to_mixtral(moe: MoE, config: Any = None, experts_implementation: str = "eage
         block.experts.down_proj.copy_(e.w_out.transpose(1, 2))
     block.train(moe.training)
     return block
-
-
-def convert_mixtral(model: nn.Module, *, include: Any = None, exclude: Any = None,
-                    example_inputs: Any = None, inplace: bool = False,
-                    **moe_args: Any) -> tuple[nn.Module, Change]:
-    """Replace every ``MixtralSparseMoeBlock`` of a transformers model (selected by path globs)
-    with an equivalent :class:`MoE`; returns ``(new_model, Change)``."""
-
-    def edit(target: nn.Module, change: Change) -> None:
-        for path, block in select_modules(target, nn.Module, include, exclude):
-            if _is_mixtral_block(block):
-                replace_module(target, path, from_mixtral(block, **moe_args))
-                change.replaced.append(path)
-        if not change.replaced:
-            raise LeanError("convert_mixtral: no MixtralSparseMoeBlock matched include="
-                            f"{include!r} exclude={exclude!r}")
-
-    return apply_transform("moe.from_mixtral", model, edit, example_inputs=example_inputs,
-                           inplace=inplace, params={"include": include, "exclude": exclude,
-                                                    **moe_args})

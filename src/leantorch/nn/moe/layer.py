@@ -34,6 +34,7 @@ from leantorch.ops.moe.dispatch import (
 )
 from leantorch.ops.moe.routing import balance_loss, capacity_for, z_loss
 from leantorch.serialize import register_module
+from leantorch.validate import one_of, positive_int, ratio
 
 __all__ = ["BALANCE_MODES", "MoE", "MoEStats", "moe_aux_loss", "moe_layers"]
 
@@ -69,13 +70,6 @@ class MoEStats:
         hit = torch.zeros(self.tokens, dtype=torch.bool, device=self.kept_token_index.device)
         hit[self.kept_token_index] = True
         return int(self.tokens - hit.sum())
-
-
-def _count(owner: str, name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LeanError(f"{owner}: {name} must be an integer >= {minimum}, got "
-                        f"{describe(value)}")
-    return value
 
 
 @register_module(name="leantorch.MoE")
@@ -147,19 +141,18 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         owner = "MoE"
-        _count(owner, "num_experts", num_experts, 1)
+        positive_int(owner, "dim", dim)
+        positive_int(owner, "hidden", hidden)
+        positive_int(owner, "num_experts", num_experts)
         for name, value in (("shared_experts", shared_experts), ("zero_experts", zero_experts),
                             ("copy_experts", copy_experts),
                             ("constant_experts", constant_experts)):
-            _count(owner, name, value)
-        if balance is not None and balance not in BALANCE_MODES:
-            raise LeanError(f"MoE: balance must be one of {', '.join(BALANCE_MODES)} or None, "
-                            f"got {balance!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise LeanError(f"MoE: capacity_factor must be > 0 or None (dropless), got "
-                            f"{capacity_factor!r}")
-        if not 0 <= dropout < 1:
-            raise LeanError(f"MoE: dropout must be in [0, 1), got {dropout!r}")
+            positive_int(owner, name, value, minimum=0)
+        one_of(owner, "balance", balance, (*BALANCE_MODES, None))
+        if capacity_factor is not None:  # None: dropless
+            ratio(owner, "capacity_factor", capacity_factor, include_low=False,
+                  high=float("inf"))
+        ratio(owner, "dropout", dropout)
         zc = zero_experts + copy_experts + constant_experts
         if routing == "expert_choice" and zc:
             raise LeanError("MoE: expert_choice routing does not take zero-computation experts "
@@ -180,7 +173,9 @@ class MoE(nn.Module):
                              routing=routing, noisy=noisy, priority=priority,
                              prev_experts=prev_experts, bias=router_bias,
                              balance_bias_rate=balance_bias_rate)
-        self.experts = StackedExperts(num_experts, dim, hidden, activation, gated, bias, backend)
+        self.experts = StackedExperts(dim=dim, hidden=hidden, num_experts=num_experts,
+                                      activation=activation, gated=gated, bias=bias,
+                                      backend=backend)
         self.shared = (FeedForward(dim, self.shared_hidden, activation, gated, bool(bias))
                        if self.shared_hidden else None)
         self.output_bias = nn.Parameter(torch.zeros(dim)) if output_bias else None
@@ -262,7 +257,8 @@ class MoE(nn.Module):
             capacity = None
         else:
             routing = self.router.route(logits)
-            capacity = capacity_for(tokens, self.k, self.num_experts, self.capacity_factor)
+            capacity = capacity_for(tokens, num_experts=self.num_experts, k=self.k,
+                                    capacity_factor=self.capacity_factor)
         plan = plan_dispatch(routing.expert_index, self.total_experts, capacity,
                              capped_experts=self.num_experts)
         counts = plan.counts_list()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leantorch.errors import LeanError, describe
+from leantorch.errors import LeanError
 from leantorch.ops.moe.routing import (
     GATE_MODES,
     PRIORITIES,
@@ -20,6 +20,7 @@ from leantorch.ops.moe.routing import (
     topk_routing,
 )
 from leantorch.serialize import register_module
+from leantorch.validate import one_of, positive_int, ratio
 
 __all__ = ["ROUTINGS", "Router"]
 
@@ -56,25 +57,18 @@ class Router(nn.Module):
                  balance_bias_rate: float = 0.0) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LeanError(f"Router: {name} must be a positive integer, got "
-                                f"{describe(value)}")
+            positive_int("Router", name, value)
         if k > num_experts:
             raise LeanError(f"Router: k={k} is more than num_experts={num_experts}")
         for name, value, allowed in (("score", score, SCORES), ("gates", gates, GATE_MODES),
                                      ("routing", routing, ROUTINGS),
                                      ("priority", priority, PRIORITIES)):
-            if value not in allowed:
-                raise LeanError(f"Router: {name} must be one of {', '.join(allowed)}, got "
-                                f"{value!r}")
+            one_of("Router", name, value, allowed)
         if routing == "expert_choice" and score != "softmax":
             raise LeanError("Router: expert_choice routing scores with softmax; got "
                             f"score={score!r}")
-        if not balance_bias_rate >= 0:
-            raise LeanError(f"Router: balance_bias_rate must be >= 0, got {balance_bias_rate!r}")
-        if isinstance(prev_experts, bool) or not isinstance(prev_experts, int) or prev_experts < 0:
-            raise LeanError(f"Router: prev_experts must be a non-negative integer, got "
-                            f"{describe(prev_experts)}")
+        ratio("Router", "balance_bias_rate", balance_bias_rate, high=float("inf"))
+        positive_int("Router", "prev_experts", prev_experts, minimum=0)
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.score, self.gates, self.routing, self.priority = score, gates, routing, priority
         self.noisy, self.prev_experts = bool(noisy), prev_experts

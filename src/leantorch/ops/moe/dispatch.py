@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from leantorch.errors import LeanError, describe
+from leantorch.errors import LeanError
+from leantorch.validate import positive_int
 
 __all__ = [
     "ACTIVATIONS",
@@ -117,9 +118,7 @@ def plan_dispatch(
                         f"{num_experts}")
     if capacity is None:
         return DispatchPlan(order, requested, requested, 0)
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-        raise LeanError(f"capacity must be a non-negative integer or None, got "
-                        f"{describe(capacity)}")
+    positive_int("plan_dispatch", "capacity", capacity, minimum=0)  # None: dropless
     limit = torch.full_like(requested, capacity)
     if capped_experts is not None:
         limit[capped_experts:] = expert_index.numel()

@@ -1,22 +1,44 @@
 """The plainest correct mixture-of-experts, written to be read: one Python loop over the
 (token, expert) assignments, one expert call per assignment. Every fast path in
 :mod:`leantorch.ops.moe.dispatch` is tested against these functions (values and gradients).
+
+The reference imports nothing from the fast path, its activations included (written out from
+their formulas below), so a bug there cannot hide in both.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from leantorch.ops.moe.dispatch import activation_fn
+from leantorch.errors import LeanError
 
 __all__ = [
+    "activation_naive",
     "balance_loss_naive",
     "expert_naive",
     "kept_by_capacity_naive",
     "moe_naive",
     "topk_naive",
 ]
+
+
+def activation_naive(name: str, x: Tensor) -> Tensor:
+    """The element-wise activation ``name`` from its formula: ``relu = max(x, 0)``,
+    ``gelu = x * Phi(x)`` (``Phi`` the standard normal CDF, via ``erf``), ``gelu_tanh = x/2 *
+    (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``, ``silu = x / (1 + exp(-x))``."""
+    if name == "relu":
+        return torch.where(x > 0, x, torch.zeros_like(x))
+    if name == "gelu":
+        return x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    if name == "silu":
+        return x / (1 + torch.exp(-x))
+    raise LeanError(f"activation_naive: name={name!r}; expected one of 'relu', 'gelu', "
+                    "'gelu_tanh', 'silu'")
 
 
 def topk_naive(probs: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
@@ -44,15 +66,14 @@ def expert_naive(
     gated: bool,
 ) -> Tensor:
     """Expert ``e`` on one token ``x (dim,)`` -> ``(dim,)``."""
-    act = activation_fn(activation)
     h = x @ w_in[e]
     if b_in is not None:
         h = h + b_in[e]
     if gated:
         half = h.shape[-1] // 2
-        h = act(h[:half]) * h[half:]
+        h = activation_naive(activation, h[:half]) * h[half:]
     else:
-        h = act(h)
+        h = activation_naive(activation, h)
     y = h @ w_out[e]
     if b_out is not None:
         y = y + b_out[e]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from leantorch.errors import LeanError, describe
+from leantorch.validate import one_of, positive_int, ratio
 
 __all__ = [
     "GATE_MODES",
@@ -111,11 +112,11 @@ def topk_routing(
     """
     _check_logits(logits)
     tokens, experts = logits.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
-        raise LeanError(f"k must be an integer in [1, {experts}] (the number of experts), "
-                        f"got {k!r}")
-    if gates not in GATE_MODES:
-        raise LeanError(f"gates must be one of {', '.join(GATE_MODES)}, got {gates!r}")
+    positive_int("topk_routing", "k", k)
+    if k > experts:
+        raise LeanError(f"topk_routing: k={k}; expected an int in [1, {experts}] (the number "
+                        "of experts)")
+    one_of("topk_routing", "gates", gates, GATE_MODES)
     probs = router_scores(logits, score)
     if selection_bias is not None:
         if selection_bias.shape != (experts,):
@@ -173,9 +174,10 @@ def expert_choice_routing(logits: Tensor, capacity: int) -> Routing:
     """
     _check_logits(logits)
     tokens, experts = logits.shape
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= tokens:
-        raise LeanError(f"expert-choice capacity must be an integer in [1, {tokens}] (the "
-                        f"number of tokens), got {capacity!r}")
+    positive_int("expert_choice_routing", "capacity", capacity)
+    if capacity > tokens:
+        raise LeanError(f"expert_choice_routing: capacity={capacity}; expected an int in "
+                        f"[1, {tokens}] (the number of tokens)")
     probs = router_scores(logits, "softmax")
     top, token_choice = torch.topk(probs.t(), capacity, dim=-1)  # (experts, capacity)
     expert_index = torch.arange(experts, device=logits.device).repeat_interleave(capacity)
@@ -220,11 +222,12 @@ def z_loss(logits: Tensor) -> Tensor:
                            dim=-1).square().mean()
 
 
-def capacity_for(tokens: int, k: float, experts: int, capacity_factor: float | None) -> int | None:
-    """``C = ceil(capacity_factor * k * tokens / experts)`` (None: dropless)."""
+def capacity_for(tokens: int, *, num_experts: int, k: float,
+                 capacity_factor: float | None) -> int | None:
+    """``C = ceil(capacity_factor * k * tokens / num_experts)`` (None: dropless). The expert
+    sizes are keyword-only, so ``k`` and ``num_experts`` cannot be swapped unnoticed."""
     if capacity_factor is None:
         return None
-    if not capacity_factor > 0:
-        raise LeanError(f"capacity_factor must be > 0 or None (dropless), got "
-                        f"{capacity_factor!r}")
-    return max(1, math.ceil(capacity_factor * k * tokens / experts))
+    ratio("capacity_for", "capacity_factor", capacity_factor, include_low=False,
+          high=float("inf"))
+    return max(1, math.ceil(capacity_factor * k * tokens / num_experts))
