@@ -171,9 +171,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Steps]] = {
     "net_int8_weight": (net, vector, (("quant.int8_weight", {"group_size": 8}),)),
     "net_int4_weight": (net, vector, (("quant.int4_weight", {"group_size": 8}),)),
     "net_llm_int8": (net, vector, (("quant.llm_int8", {"threshold": 1.0}),)),
-    "net_fake_ternary": (net, vector, (("quant.fake", {"scheme": "ternary"}),)),
+    "net_fake_ternary": (net, vector, (("quant.fake_quantize", {"scheme": "ternary"}),)),
     "net_fake_then_convert": (net, vector, (
-        ("quant.fake", {"scheme": "int4_weight", "group_size": 8}), ("quant.convert", {}))),
+        ("quant.fake_quantize", {"scheme": "int4_weight", "group_size": 8}), ("quant.convert", {}))),
     "net_lowrank": (net, vector, (("lowrank.svd", {"rank": 4}),)),
     "net_magnitude_masks": (net, vector, (("prune.magnitude", {"ratio": 0.5}),)),
     "net_masks_made_permanent": (net, vector, (

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantorch.compress.change import _as_call
 from leantorch.compress.verify import primary_output
 from leantorch.errors import LeanError
+from leantorch.inputs import as_call
 
 __all__ = ["LOSSES", "DistillHistory", "distill"]
 
@@ -140,7 +140,7 @@ def distill(
             history.validation.append((0, best_loss))
             best = _snapshot(params)
         for step, batch in zip(range(steps), itertools.cycle(train), strict=False):
-            args, kwargs = _as_call(batch)
+            args, kwargs = as_call(batch)
             with torch.no_grad():
                 target = primary_output(teacher(*args, **kwargs)).float()
             output = primary_output(student(*args, **kwargs)).float()
@@ -198,7 +198,7 @@ def _split_batches(batches: Sequence[Any], validation: float
 def _targets(teacher: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [primary_output(teacher(*a, **k)).float()
-                for a, k in (_as_call(b) for b in batches)]
+                for a, k in (as_call(b) for b in batches)]
 
 
 def _score(student: nn.Module, batches: list[Any], targets: list[torch.Tensor],
@@ -206,7 +206,7 @@ def _score(student: nn.Module, batches: list[Any], targets: list[torch.Tensor],
     """The distillation loss on held-out batches, averaged over batches."""
     with torch.no_grad():
         values = [_loss(loss, primary_output(student(*a, **k)).float(), t).item()
-                  for (a, k), t in zip((_as_call(b) for b in batches), targets, strict=True)]
+                  for (a, k), t in zip((as_call(b) for b in batches), targets, strict=True)]
     return sum(values) / len(values)
 
 

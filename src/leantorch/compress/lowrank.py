@@ -35,7 +35,7 @@ from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError
 from leantorch.serialize import register_module
 
-__all__ = ["LowRankLinear", "choose_rank", "factorize_linear", "lowrank"]
+__all__ = ["LowRankLinear", "choose_rank", "factorize_linear", "lowrank", "svd"]
 
 
 @register_module(name="leantorch.LowRankLinear")
@@ -158,7 +158,7 @@ def _check_arguments(*, rank: int | None = None, energy: float | None = None,
 
 
 @register_transform("lowrank.svd", check=_check_arguments)
-def lowrank(
+def svd(
     model: nn.Module,
     *,
     rank: int | None = None,
@@ -211,3 +211,8 @@ def lowrank(
         "lowrank.svd", model, edit, inplace=inplace, example_inputs=example_inputs,
         params={"rank": rank, "energy": energy, "param_ratio": param_ratio,
                 "activation_aware": activation_aware, "include": include, "exclude": exclude})
+
+
+# the name this transform had before registry names equalled function names (see
+# leantorch.compress.registry); kept so existing imports work
+lowrank = svd

@@ -42,12 +42,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantorch.compress.change import Change, _as_call
+from leantorch.compress.change import Change
 from leantorch.compress.finetune import LOSSES, distill
 from leantorch.compress.progress import showing
-from leantorch.compress.registry import accepts, argument_check, get_transform
+from leantorch.compress.registry import (
+    accepts,
+    argument_check,
+    canonical_name,
+    get_transform,
+)
 from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
 from leantorch.errors import LeanError, describe
+from leantorch.inputs import as_call
 from leantorch.io import atomic_directory, atomic_write_text, read_text_file
 from leantorch.measure.latency import Spread
 
@@ -188,6 +194,11 @@ class Step:
     transform: str | None
     args: dict[str, Any] = field(default_factory=dict)
     finetune: Finetune | None = None
+
+    def __post_init__(self) -> None:
+        # a renamed transform's old name warns once, here, and the step keeps the new name
+        if self.transform is not None:
+            object.__setattr__(self, "transform", canonical_name(self.transform, stacklevel=4))
 
     @classmethod
     def from_dict(cls, index: int, value: Any) -> Step:
@@ -618,7 +629,7 @@ def _time_stages(stages: list[Stage], example_inputs: Any, rounds: int) -> dict[
     minutes apart carries whatever changed on the machine in between."""
     from leantorch.measure.latency import compare_interleaved
 
-    args, kwargs = _as_call(example_inputs)
+    args, kwargs = as_call(example_inputs)
 
     def forward(model: nn.Module) -> Any:
         def call() -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "get_mask",
     "input_dim",
     "lowest_k",
+    "magnitude",
     "make_permanent",
     "mask_stats",
     "own_class",
@@ -303,7 +304,7 @@ def _record_sparsity(target: nn.Module, change: Change) -> None:
 
 # --------------------------------------------------------------------------- transforms
 @register_transform("prune.magnitude")
-def prune_magnitude(
+def magnitude(
     model: nn.Module,
     *,
     ratio: float = 0.5,
@@ -342,6 +343,11 @@ def prune_magnitude(
                            params={"ratio": ratio, "scope": scope, "include": include,
                                    "exclude": exclude},
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_magnitude = magnitude
 
 
 def _bake(module: nn.Module, name: str = "weight") -> None:

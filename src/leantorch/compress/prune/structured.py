@@ -244,7 +244,7 @@ def _no_longer_runs(model: nn.Module, graph: DependencyGraph, plan: dict[int, li
 
 
 @register_transform("prune.structured")
-def prune_structured(
+def structured(
     model: nn.Module,
     *,
     ratio: float = 0.3,
@@ -381,3 +381,8 @@ def prune_structured(
 
     return apply_transform("prune.structured", model, edit, params=params,
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_structured = structured

@@ -143,7 +143,7 @@ def _return_structure(model: nn.Module, path: str, batch: Any) -> tuple[str, int
 
 
 @register_transform("prune.sublayers")
-def prune_sublayers(
+def sublayers(
     model: nn.Module,
     *,
     count: int | None = None,
@@ -214,3 +214,8 @@ def prune_sublayers(
 
     return apply_transform("prune.sublayers", model, edit, params=params,
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_sublayers = sublayers
