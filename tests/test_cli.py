@@ -51,7 +51,7 @@ def test_profile_table_with_backward(model_file, capsys) -> None:
     (["profile", "{file}:build"], "no example inputs"),
     (["profile", "{file}:build", "--input", "6", "--device-spec", "tpu"], "--device-spec"),
     (["profile", "{file}:build", "--input", "6", "--depth", "-1"], "--depth must be >= 0"),
-    (["profile", "{file}:build", "--input", "6", "--batch", "0"], "batch must be a positive"),
+    (["profile", "{file}:build", "--input", "6", "--batch", "0"], "batch=0; expected an int >= 1"),
 ])
 def test_bad_input_is_one_line_on_stderr(argv, fragment, model_file, capsys) -> None:
     argv = [a.replace("{file}", str(model_file)) for a in argv]

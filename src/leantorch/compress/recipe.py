@@ -56,6 +56,7 @@ from leantorch.errors import LeanError, describe
 from leantorch.inputs import as_call
 from leantorch.io import atomic_directory, atomic_write_text, read_text_file
 from leantorch.measure.latency import Spread
+from leantorch.validate import positive_int, ratio
 
 __all__ = [
     "Calibration",
@@ -83,24 +84,6 @@ def _keys(where: str, value: Any, allowed: Sequence[str], required: Sequence[str
         if key not in value:
             raise LeanError(f"{where}: missing key {key!r}")
     return dict(value)
-
-
-def _int(where: str, key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LeanError(f"{where}.{key} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _float(where: str, key: str, value: Any, low: float, high: float,
-           open_low: bool = True, open_high: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if open_low else value >= low) and \
-             (value < high if open_high else value <= high)
-    if not ok:
-        bracket = ("(" if open_low else "[") + f"{low}, {high}" + (")" if open_high else "]")
-        raise LeanError(f"{where}.{key} must be a number in {bracket}, got {value!r}")
-    return float(value)
 
 
 def _yaml_problem(error: Exception) -> str:
@@ -134,10 +117,10 @@ class Calibration:
         where = "recipe.calibration"
         d = _keys(where, value, ("samples", "batch_size", "seq_len", "holdout"))
         return cls(
-            samples=_int(where, "samples", d.get("samples", cls.samples), 1),
-            batch_size=_int(where, "batch_size", d.get("batch_size", cls.batch_size), 1),
-            seq_len=_int(where, "seq_len", d.get("seq_len", cls.seq_len), 2),
-            holdout=_float(where, "holdout", d.get("holdout", cls.holdout), 0, 1, True, True),
+            samples=positive_int(where, "samples", d.get("samples", cls.samples)),
+            batch_size=positive_int(where, "batch_size", d.get("batch_size", cls.batch_size)),
+            seq_len=positive_int(where, "seq_len", d.get("seq_len", cls.seq_len), minimum=2),
+            holdout=ratio(where, "holdout", d.get("holdout", cls.holdout), include_low=False),
         )
 
 
@@ -167,22 +150,21 @@ class Finetune:
         loss = d.get("loss", cls.loss)
         if loss not in LOSSES:
             raise LeanError(f"{where}.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        validation = _float(where, "validation", d.get("validation", 0.0), 0, 0.5,
-                            open_low=False, open_high=True)
-        patience = _int(where, "patience", d.get("patience", cls.patience), 0)
+        validation = ratio(where, "validation", d.get("validation", 0.0), high=0.5)
+        patience = positive_int(where, "patience", d.get("patience", cls.patience), minimum=0)
         if patience and not validation:
             raise LeanError(f"{where}.patience = {patience} needs validation > 0 (the fraction "
                             "of calibration batches to score)")
         return cls(
-            steps=_int(where, "steps", d.get("steps", cls.steps), 0),
-            lr=_float(where, "lr", d.get("lr", cls.lr), 0, 1),
+            steps=positive_int(where, "steps", d.get("steps", cls.steps), minimum=0),
+            lr=ratio(where, "lr", d.get("lr", cls.lr), include_low=False, include_high=True),
             loss=loss,
-            weight_decay=_float(where, "weight_decay", d.get("weight_decay", 0.0), 0, 1,
-                                open_low=False),
+            weight_decay=ratio(where, "weight_decay", d.get("weight_decay", 0.0),
+                               include_high=True),
             validation=validation,
-            eval_every=_int(where, "eval_every", d.get("eval_every", cls.eval_every), 1),
+            eval_every=positive_int(where, "eval_every", d.get("eval_every", cls.eval_every)),
             patience=patience,
-            l2sp=_float(where, "l2sp", d.get("l2sp", 0.0), 0, 1e6, open_low=False),
+            l2sp=ratio(where, "l2sp", d.get("l2sp", 0.0), high=1e6, include_high=True),
         )
 
 

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantorch import validate
 from leantorch.compress.change import Change, apply_transform
 from leantorch.compress.prune.importance import LossFn, check_loss_fn, taylor_saliency
 from leantorch.compress.prune.masks import (
-    _check_ratio,
     _check_scope,
     _count,
     _is_transformers_conv1d,
@@ -90,7 +90,7 @@ def block_mask(scores: torch.Tensor, ratio: float, scope: str = "layer") -> torc
     """Keep mask over tiles ``(R, C)`` for one layer: ``scope="layer"`` prunes the
     ``round(ratio * R * C)`` lowest, ``"row"`` the ``round(ratio * C)`` lowest of every row
     (ties: earlier tile first)."""
-    ratio = _check_ratio("block_mask", ratio)
+    ratio = validate.ratio("block_mask", "ratio", ratio, include_high=True)
     _check_scope("block_mask", scope, ("layer", "row"))
     if scope == "layer":
         return ~lowest_k(scores, _count(ratio, scores.numel()))
@@ -115,13 +115,6 @@ def _taylor_tiles(target: nn.Module, modules: list[tuple[str, nn.Module]], block
     return {path: saliency.get(path, torch.zeros(
         tuple(n // block_size for n in matrix_view(module, weights[path]).shape),
         dtype=torch.float64)) for path, module in modules}
-
-
-def _check_block_size(block_size: Any) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise LeanError(f"prune.block: block_size must be a positive int, got "
-                        f"{describe(block_size)}")
-    return block_size
 
 
 @register_transform("prune.block")
@@ -152,8 +145,8 @@ def block(
     projection of the output drawn from ``seed``.
     Tiles already fully masked are pruned first, so repeated calls nest.
     """
-    ratio = _check_ratio("prune.block", ratio)
-    block_size = _check_block_size(block_size)
+    ratio = validate.ratio("prune.block", "ratio", ratio, include_high=True)
+    block_size = validate.positive_int("prune.block", "block_size", block_size)
     _check_scope("prune.block", scope, ("layer", "global", "row"))
     if importance not in IMPORTANCES:
         raise LeanError(f"prune.block: importance must be one of {', '.join(IMPORTANCES)}, got "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from leantorch import validate
 from leantorch.compress.change import Change, apply_transform, replace_module
 from leantorch.compress.graph import Sublayer, build_graph, default_inputs
 from leantorch.compress.registry import register_transform
@@ -165,10 +166,10 @@ def sublayers(
     """
     if (count is None) == (ratio is None):
         raise LeanError("prune.sublayers: give exactly one of count or ratio")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise LeanError(f"prune.sublayers: count must be an integer >= 0, got {describe(count)}")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 <= ratio < 1):
-        raise LeanError(f"prune.sublayers: ratio must be in [0, 1), got {describe(ratio)}")
+    if count is not None:
+        validate.positive_int("prune.sublayers", "count", count, minimum=0)
+    if ratio is not None:
+        validate.ratio("prune.sublayers", "ratio", ratio)
     wanted = [kinds] if isinstance(kinds, str) else list(kinds)
     if not wanted or any(k not in ("attention", "mlp", "block") for k in wanted):
         raise LeanError(f"prune.sublayers: kinds must be among attention, mlp, block, got "
