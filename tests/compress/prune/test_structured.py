@@ -319,6 +319,12 @@ def test_a_sublayer_that_outputs_zero_scores_zero_and_goes_first(tmp_path: Path)
         prune_sublayers(model, count=7, calibration=calibration)
     with pytest.raises(LeanError, match="calibration"):
         prune_sublayers(model, count=1)
+    # include / exclude are globs over the sublayer paths, as in every transform: with the
+    # zeroed MLP excluded, another sublayer goes first
+    _, picked = prune_sublayers(model, count=1, calibration=calibration,
+                                include="model.layers.*.mlp", exclude=["model.layers.1.*"])
+    assert picked.details["candidates"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert picked.replaced[0] in picked.details["candidates"]
 
 
 # --------------------------------------------------------------------------- recipes

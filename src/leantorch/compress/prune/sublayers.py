@@ -15,6 +15,7 @@ parameters) and the norm that only fed it by ``nn.Identity``, so both stop costi
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from leantorch import validate
-from leantorch.compress.change import Change, apply_transform, replace_module
+from leantorch.compress.change import Change, _patterns, apply_transform, replace_module
 from leantorch.compress.graph import Sublayer, build_graph, default_inputs
 from leantorch.compress.registry import register_transform
 from leantorch.compress.verify import primary_output
@@ -151,7 +152,8 @@ def sublayers(
     ratio: float | None = None,
     kinds: str | Sequence[str] = ("attention", "mlp", "block"),
     metric: str = "cosine",
-    include: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     leaf_modules: Sequence[str] | None = None,
     example_inputs: Any = None,
     calibration: Sequence[Any] | None = None,
@@ -161,8 +163,9 @@ def sublayers(
     whose removal changes the calibration outputs least (FinerCut).
 
     ``kinds``: "attention", "mlp", "block" (a convolutional residual block with an identity
-    shortcut). ``include``: restrict candidates to these module
-    paths. ``change.details["order"]`` lists the removals with the output distance after each.
+    shortcut). ``include`` / ``exclude``: ``fnmatch`` globs over the sublayers' module paths
+    (as every transform's), keeping the candidates that match an ``include`` pattern (all
+    when None) and no ``exclude`` pattern. ``change.details["order"]`` lists the removals with the output distance after each.
     """
     if (count is None) == (ratio is None):
         raise LeanError("prune.sublayers: give exactly one of count or ratio")
@@ -181,12 +184,19 @@ def sublayers(
         raise LeanError("prune.sublayers needs calibration data: a list of model inputs "
                         "(each a tuple of positional inputs or a dict of keyword inputs)")
     inputs = example_inputs if example_inputs is not None else calibration[0]
-    params = {"count": count, "ratio": ratio, "kinds": wanted, "metric": metric}
+    includes, excludes = _patterns("include", include), _patterns("exclude", exclude) or []
+    params = {"count": count, "ratio": ratio, "kinds": wanted, "metric": metric,
+              "include": includes, "exclude": excludes}
+
+    def chosen(path: str) -> bool:
+        if includes is not None and not any(fnmatch.fnmatchcase(path, p) for p in includes):
+            return False
+        return not any(fnmatch.fnmatchcase(path, p) for p in excludes)
 
     def edit(target: nn.Module, change: Change) -> None:
         graph = build_graph(target, inputs, leaf_modules=leaf_modules)
-        found: list[Sublayer] = [s for s in graph.sublayers() if s.kind in wanted and
-                                 (include is None or s.path in include)]
+        found: list[Sublayer] = [s for s in graph.sublayers()
+                                 if s.kind in wanted and chosen(s.path)]
         budget = count if count is not None else math.floor(ratio * len(found) + 1e-9)
         if budget > len(found):
             raise LeanError(f"prune.sublayers: count={budget} but only {len(found)} removable "
