@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantorch import validate
 from leantorch.compress.change import (
     Change,
     apply_transform,
@@ -85,13 +86,10 @@ def choose_rank(
                         f"{given or 'none'}")
     full = min(in_features, out_features)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise LeanError(f"lowrank: rank must be a positive integer, got {rank!r}")
-        return min(rank, full)
+        return min(validate.positive_int("lowrank.svd", "rank", rank), full)
     for name, value in (("energy", energy), ("param_ratio", param_ratio)):
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is not None and not (number and 0 < value <= 1):
-            raise LeanError(f"lowrank: {name} must be in (0, 1] (a number), got {value!r}")
+        if value is not None:
+            validate.ratio("lowrank.svd", name, value, include_low=False, include_high=True)
     if energy is not None:
         squares = singular_values.double() ** 2
         kept = torch.cumsum(squares, 0) / squares.sum().clamp_min(1e-300)
