@@ -148,3 +148,15 @@ def test_renamed_transforms_keep_their_old_names_and_imports() -> None:
         with pytest.warns(DeprecationWarning, match=rf"{old!r} is now called {new!r}"):
             assert get_transform(old) is get_transform(new)
         assert old not in transform_names() and new in transform_names()
+
+
+def test_a_recipe_with_an_old_transform_name_warns_and_runs_the_new_one() -> None:
+    from leantorch.compress.recipe import Recipe
+
+    spec = {"name": "old", "steps": [{"transform": "quant.fake",
+                                      "args": {"scheme": "ternary"}}]}
+    with pytest.warns(DeprecationWarning, match="'quant.fake' is now called "
+                                                "'quant.fake_quantize'"):
+        recipe = Recipe.from_dict(spec)
+    assert recipe.steps[0].transform == "quant.fake_quantize"
+    assert recipe.to_dict()["steps"][0]["transform"] == "quant.fake_quantize"
