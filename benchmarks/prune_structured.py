@@ -123,7 +123,7 @@ def vision(rounds: int) -> dict[str, Any]:
             models = {"original": original}
             start = time.perf_counter()
             ours, change = prune_structured(original, ratio=r, units=units, importance="l2",
-                                            ignore=["classifier*"], example_inputs=x)
+                                            exclude=["classifier*"], example_inputs=x)
             row["leantorch"] = {"prune_s": round(time.perf_counter() - start, 2),
                                 **counts(ours, x), "groups_cut": len(change.details["groups"])}
             models["leantorch"] = ours

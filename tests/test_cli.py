@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from leantorch.cli import main
+from leantorch.errors import LeanError
 
 MODEL_FILE = '''
 import torch
@@ -51,7 +52,7 @@ def test_profile_table_with_backward(model_file, capsys) -> None:
     (["profile", "{file}:build"], "no example inputs"),
     (["profile", "{file}:build", "--input", "6", "--device-spec", "tpu"], "--device-spec"),
     (["profile", "{file}:build", "--input", "6", "--depth", "-1"], "--depth must be >= 0"),
-    (["profile", "{file}:build", "--input", "6", "--batch", "0"], "batch must be a positive"),
+    (["profile", "{file}:build", "--input", "6", "--batch", "0"], "batch=0; expected an int >= 1"),
 ])
 def test_bad_input_is_one_line_on_stderr(argv, fragment, model_file, capsys) -> None:
     argv = [a.replace("{file}", str(model_file)) for a in argv]
@@ -140,6 +141,48 @@ def test_compress_with_a_pruning_recipe_writes_a_model_that_reloads(tiny_bert, t
     assert after["label"] == "prune.structured" and after["params"] < before["params"]
     model = leantorch.load(out / "model.safetensors")
     assert model.encoder.layer[0].intermediate.dense.out_features == 32  # 64 neurons halved
+
+
+def test_a_recipe_gives_the_same_result_from_python_and_from_the_cli(tiny_bert, tmp_path,
+                                                                   capsys) -> None:
+    import torch
+
+    import leantorch
+    from leantorch.compress.recipe import Recipe, recipe_data, run_recipe
+    from leantorch.models import load_model
+
+    recipe = tmp_path / "aware.yaml"  # activation-aware: the result depends on calibration
+    recipe.write_text(
+        "name: tiny-aware\ncalibration: {samples: 12, batch_size: 4, seq_len: 6}\n"
+        "steps:\n  - transform: lowrank.svd\n"
+        "    args: {rank: 4, activation_aware: true, exclude: ['*pooler*']}\n"
+        "task: embedding\ngates:\n  - {metric: cosine_mean, min: -1.0}\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_bert), "--recipe", str(recipe), "--out", str(out),
+                 "--latency-runs", "0"]) == 0
+    capsys.readouterr()
+    cli = json.loads((out / "report.json").read_text())
+    # from Python, the recipe's calibration settings make the same data
+    loaded = load_model(str(tiny_bert))
+    data = recipe_data(str(recipe), loaded)
+    assert len(data.calibration) == 3  # 12 samples in batches of 4
+    assert all(b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 6
+               for b in data.calibration)
+    result = run_recipe(str(recipe), loaded, latency_runs=0)
+    assert result.to_dict()["stages"] == cli["stages"]
+    assert result.to_dict()["source"] == cli["source"] == "tiny-bert"
+    saved = leantorch.load(out / "model.safetensors").state_dict()
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    # and the settings matter: other calibration settings give another model
+    other = run_recipe(Recipe.from_yaml(recipe.read_text().replace("samples: 12", "samples: 4")),
+                       load_model(str(tiny_bert)), latency_runs=0)
+    assert other.to_dict()["stages"] != cli["stages"]
+    with pytest.raises(LeanError, match=r"model is a LoadedModel .* got calibration as well"):
+        run_recipe(str(recipe), loaded, calibration=data.calibration)
+    with pytest.raises(LeanError, match=r"texts= and shapes= need a leantorch.models.LoadedModel"):
+        run_recipe(str(recipe), loaded.model, texts=["a b"] * 4, calibration=data.calibration,
+                   evaluation=data.evaluation)
 
 
 def test_compress_gate_failure_writes_nothing(tiny_bert, tmp_path, capsys) -> None:

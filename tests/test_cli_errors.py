@@ -181,8 +181,8 @@ def test_a_step_argument_out_of_range_fails_before_the_model_loads(models, tmp_p
     path = tmp_path / "r.yaml"
     path.write_text(RECIPE % ("energy: 1.5", "-1.0"))
     result = leantorch("compress", f"{models}:boom", "--recipe", path)
-    one_error_line(result, "recipe.steps[0] (lowrank.svd)", "energy must be in (0, 1]",
-                   "got 1.5")
+    one_error_line(result, "recipe.steps[0] (lowrank.svd)", "energy=1.5",
+                   "expected a number in (0, 1]")
 
 
 # --------------------------------------------------------------------------- --out

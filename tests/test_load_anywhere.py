@@ -178,9 +178,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Steps]] = {
     "net_int8_weight": (net, vector, (("quant.int8_weight", {"group_size": 8}),)),
     "net_int4_weight": (net, vector, (("quant.int4_weight", {"group_size": 8}),)),
     "net_llm_int8": (net, vector, (("quant.llm_int8", {"threshold": 1.0}),)),
-    "net_fake_ternary": (net, vector, (("quant.fake", {"scheme": "ternary"}),)),
+    "net_fake_ternary": (net, vector, (("quant.fake_quantize", {"scheme": "ternary"}),)),
     "net_fake_then_convert": (net, vector, (
-        ("quant.fake", {"scheme": "int4_weight", "group_size": 8}), ("quant.convert", {}))),
+        ("quant.fake_quantize", {"scheme": "int4_weight", "group_size": 8}), ("quant.convert", {}))),
     "net_lowrank": (net, vector, (("lowrank.svd", {"rank": 4}),)),
     "net_magnitude_masks": (net, vector, (("prune.magnitude", {"ratio": 0.5}),)),
     "net_masks_made_permanent": (net, vector, (
@@ -188,10 +188,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Steps]] = {
     "net_nm": (net, vector, (("prune.nm", {"n": 2, "m": 4}),)),
     "net_block": (net, vector, (("prune.block", {"ratio": 0.5, "block_size": 4}),)),
     "net_sparse_csr": (net, vector, (
-        ("prune.magnitude", {"ratio": 0.7}), ("prune.make_sparse", {"format": "csr"}))),
+        ("prune.magnitude", {"ratio": 0.9}), ("prune.make_sparse", {"format": "csr"}))),
     "net_sparse_bsr": (net, vector, (
         ("prune.block", {"ratio": 0.5, "block_size": 4}),
-        ("prune.make_sparse", {"format": "bsr", "block_size": 4}))),
+        ("prune.make_sparse", {"format": "bsr", "block_size": 4, "force": True}))),
     "net_structured": (net, vector, (("prune.structured", {"ratio": 0.5,
                                                            "units": "neurons"}),)),
     "net_moefy_split": (net, vector, (("moefy.split", {"num_experts": 4, "k": 2}),)),
@@ -210,7 +210,7 @@ TRANSFORMERS_CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], 
     "bert_magnitude_masks": (bert, ids, (("prune.magnitude", {"ratio": 0.5}),)),
     "llama_nm": (llama, ids, (("prune.nm", {"n": 2, "m": 4}),)),
     "gpt2_sparse_csr": (gpt2, ids, (
-        ("prune.magnitude", {"ratio": 0.7}), ("prune.make_sparse", {"format": "csr"}))),
+        ("prune.magnitude", {"ratio": 0.9}), ("prune.make_sparse", {"format": "csr"}))),
     "bert_structured": (bert, ids, (
         ("prune.structured", {"ratio": 0.5, "units": ["heads", "neurons"]}),)),
     "llama_structured": (llama, ids, (

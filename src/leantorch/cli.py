@@ -153,9 +153,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     import torch
 
-    from leantorch.compress.recipe import load_recipe, run_recipe
+    from leantorch.compress.recipe import load_recipe, recipe_data, run_recipe
     from leantorch.compress.verify import GateFailure
-    from leantorch.data import corpora, reference_sentences, split
     from leantorch.io import check_output_dir, read_text_file
     from leantorch.models import load_model
     from leantorch.models.registry import model_label
@@ -186,32 +185,18 @@ def _compress(args: argparse.Namespace) -> int:
     out = Path(args.out or f"out/{model_label(args.model)}-{recipe.name}")
     check_output_dir(out, overwrite=args.overwrite, name="--out")
     loaded = load_model(args.model)
-    cal = recipe.calibration
-    if args.data:
-        calibration_texts, evaluation_texts = split(texts, holdout=cal.holdout)
-    else:  # bundled sentences held out; calibration adds the paraphrase corpus
-        sets = corpora(holdout=cal.holdout)
-        calibration_texts, evaluation_texts = sets.calibration, sets.held_out
-    calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len,
-                                 shapes=args.shapes)
-    evaluation = loaded.batches(evaluation_texts[:max(cal.batch_size, cal.samples)],
-                                cal.batch_size, cal.seq_len, seed=1, shapes=args.shapes)
-    # a second, different kind of text, never tuned on: only meaningful with a real tokenizer
-    tuned_on = set(calibration_texts)
-    ood_texts = [t for t in reference_sentences() if t not in tuned_on]
-    ood = (loaded.batches(ood_texts, cal.batch_size, cal.seq_len)
-           if loaded.kind == "text" and loaded.tokenizer is not None and ood_texts else None)
+    # the recipe's calibration settings make the data here as in run_recipe(recipe, loaded)
+    data = recipe_data(recipe, loaded, texts if args.data else None, shapes=args.shapes)
+    calibration, evaluation, ood = data.calibration, data.evaluation, data.evaluation_ood
     print(f"compressing {loaded.name} with recipe {recipe.name!r}: "
           f"{sum(_rows(b) for b in calibration)} calibration and "
           f"{sum(_rows(b) for b in evaluation)} held-out inputs"
           + (f", {sum(_rows(b) for b in ood)} of a second text set" if ood else "")
           + f", {torch.get_num_threads()} thread(s)", flush=True)
     try:
-        result = run_recipe(recipe, loaded.model, calibration=calibration,
-                            evaluation=evaluation, example_inputs=evaluation[0],
+        result = run_recipe(recipe, loaded.model, **data.arguments(),
                             latency_runs=args.latency_runs, progress=not args.json,
-                            source=loaded.name, evaluation_ood=ood,
-                            ood_source="sentences of the Python language reference")
+                            source=loaded.name)
     except GateFailure as error:
         _print_stages(error.result, args.json)
         print(f"leantorch: {error}; nothing was written", file=sys.stderr)

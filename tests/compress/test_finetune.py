@@ -126,10 +126,10 @@ def test_l2sp_anchors_a_reshaped_layer_to_its_own_start() -> None:
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"validation": 1.0}, "validation must be a fraction in [0, 1), got 1.0"),
-    ({"validation": -0.1}, "validation must be a fraction in [0, 1), got -0.1"),
-    ({"eval_every": 0}, "eval_every must be an integer >= 1, got 0"),
-    ({"patience": -1}, "patience must be an integer >= 0, got -1"),
+    ({"validation": 1.0}, "distill: validation=1.0; expected a number in [0, 1)"),
+    ({"validation": -0.1}, "distill: validation=-0.1; expected a number in [0, 1)"),
+    ({"eval_every": 0}, "distill: eval_every=0; expected an int >= 1"),
+    ({"patience": -1}, "distill: patience=-1; expected an int >= 0"),
     ({"l2sp": -1.0}, "l2sp must be a number >= 0, got -1.0"),
     ({"patience": 2}, "patience=2 needs validation > 0"),
     ({"validation": 0.9}, "validation=0.9 of 2 batch(es) leaves none to train on"),

@@ -56,7 +56,7 @@ def step(transform: str, **args: object) -> dict:
     (step("lowrank.svd", rank="3"),
      "recipe.steps[0] (lowrank.svd): argument 'rank' must be an integer or null, got '3'"),
     (step("lowrank.svd", energy=1.5),
-     "recipe.steps[0] (lowrank.svd): lowrank: energy must be in (0, 1] (a number), got 1.5"),
+     "recipe.steps[0] (lowrank.svd): lowrank.svd: energy=1.5; expected a number in (0, 1]"),
     (step("lowrank.svd"), "give exactly one of rank, energy, param_ratio; got none"),
     (step("lowrank.svd", rank=2, exclude=3), "argument 'exclude' must be a string or a list "
      "of strings or null, got 3"),

@@ -321,6 +321,31 @@ def test_a_mapping_input_becomes_keyword_arguments() -> None:
     assert report.inputs == [{"name": "x", "shape": [4, 3], "dtype": "float32"}]
 
 
+def test_example_inputs_in_every_form_count_the_same_and_refuse_a_second_way() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.lin(y)
+
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    kwargs = dict(latency=False, device_spec=None, activations=False)
+    reference = profile(Two(), x, y, **kwargs)
+    assert reference.macs == 2 * 4 * 3 * 2
+    for example in ((x, y), [x, y], {"x": x, "y": y}, ((x,), {"y": y}), ((x, y), {})):
+        report = profile(Two(), example_inputs=example, **kwargs)
+        assert (report.macs, report.flops) == (reference.macs, reference.flops), example
+    single = profile(nn.Linear(3, 2), example_inputs=x, **kwargs)
+    assert single.macs == 4 * 3 * 2
+    with pytest.raises(LeanError, match=r"profile: example_inputs \(a tuple\) was given together"
+                                        r" with 1 positional input\(s\).*give the inputs one way"):
+        profile(Two(), x, example_inputs=(x, y), **kwargs)
+    with pytest.raises(LeanError, match=r"input_kwargs=a dict; give the inputs one way"):
+        profile(Two(), input_kwargs={"y": y}, example_inputs=(x,), **kwargs)
+
+
 # --------------------------------------------------------------------------- JSON
 MODULE_KEYS = {"path", "type", "depth", "calls", "params", "trainable_params", "param_bytes",
                "forward", "backward", "saved_activation_bytes", "children"}

@@ -86,7 +86,7 @@ def test_text_and_vision_inputs() -> None:
     assert args[0].shape == (1, 3, 224, 224)
     with pytest.raises(LeanError, match="--seq-len applies to text models"):
         vision.example_inputs(seq_len=4)
-    with pytest.raises(LeanError, match="batch must be a positive integer"):
+    with pytest.raises(LeanError, match="resnet50: batch=0; expected an int >= 1"):
         vision.example_inputs(batch=0)
 
 

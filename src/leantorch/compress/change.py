@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.inputs import as_call
 
 __all__ = [
     "Change",
@@ -51,28 +52,19 @@ class CostSummary:
 
 
 def summarize(model: nn.Module, example_inputs: Any = None) -> CostSummary:
-    """Parameters and bytes always; FLOPs, MACs and bytes moved when ``example_inputs`` (a
-    tuple of positional inputs, or a mapping of keyword inputs) are given."""
+    """Parameters and bytes always; FLOPs, MACs and bytes moved when ``example_inputs`` are
+    given (any form :func:`leantorch.inputs.as_call` reads: a tensor, a tuple or list of
+    positional inputs, a mapping of keyword inputs, or ``(args, kwargs)``)."""
     from leantorch.measure import count_params, profile
 
     counts = count_params(model)
     summary = CostSummary(params=counts.total, param_bytes=counts.bytes + counts.buffer_bytes)
     if example_inputs is not None:
-        args, kwargs = _as_call(example_inputs)
-        report = profile(model, *args, input_kwargs=kwargs, latency=False, device_spec=None,
-                         activations=False)
+        report = profile(model, example_inputs=example_inputs, latency=False,
+                         device_spec=None, activations=False)
         summary.flops, summary.macs = report.flops, report.macs
         summary.bytes = report.forward.bytes
     return summary
-
-
-def _as_call(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs, {}
-    return (example_inputs,), {}
-
 
 
 def run_calibration(model: nn.Module, calibration: Sequence[Any],
@@ -94,7 +86,7 @@ def run_calibration(model: nn.Module, calibration: Sequence[Any],
         model.eval()
         with torch.no_grad():
             for batch in track(calibration, len(calibration), label):
-                args, kwargs = _as_call(batch)
+                args, kwargs = as_call(batch, owner="calibration")
                 model(*args, **kwargs)
     finally:
         for handle in handles:

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantorch.compress.change import _as_call
+from leantorch import validate
 from leantorch.compress.verify import primary_output
 from leantorch.errors import LeanError
+from leantorch.inputs import as_call
 
 __all__ = ["LOSSES", "DistillHistory", "distill"]
 
@@ -99,19 +100,14 @@ def distill(
     """
     if loss not in LOSSES:
         raise LeanError(f"distill: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise LeanError(f"distill: steps must be an integer >= 0, got {steps!r}")
+    validate.positive_int("distill", "steps", steps, minimum=0)
     if not lr > 0:
         raise LeanError(f"distill: lr must be > 0, got {lr!r}")
     if not batches:
         raise LeanError("distill: needs at least one batch of inputs")
-    if isinstance(validation, bool) or not isinstance(validation, int | float) \
-            or not 0 <= validation < 1:
-        raise LeanError(f"distill: validation must be a fraction in [0, 1), got {validation!r}")
-    for name, value in (("eval_every", eval_every), ("patience", patience)):
-        low = 1 if name == "eval_every" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise LeanError(f"distill: {name} must be an integer >= {low}, got {value!r}")
+    validate.ratio("distill", "validation", validation)
+    validate.positive_int("distill", "eval_every", eval_every)
+    validate.positive_int("distill", "patience", patience, minimum=0)
     if isinstance(l2sp, bool) or not isinstance(l2sp, int | float) or not l2sp >= 0:
         raise LeanError(f"distill: l2sp must be a number >= 0, got {l2sp!r}")
     if patience and not validation:
@@ -140,7 +136,7 @@ def distill(
             history.validation.append((0, best_loss))
             best = _snapshot(params)
         for step, batch in zip(range(steps), itertools.cycle(train), strict=False):
-            args, kwargs = _as_call(batch)
+            args, kwargs = as_call(batch)
             with torch.no_grad():
                 target = primary_output(teacher(*args, **kwargs)).float()
             output = primary_output(student(*args, **kwargs)).float()
@@ -198,7 +194,7 @@ def _split_batches(batches: Sequence[Any], validation: float
 def _targets(teacher: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [primary_output(teacher(*a, **k)).float()
-                for a, k in (_as_call(b) for b in batches)]
+                for a, k in (as_call(b) for b in batches)]
 
 
 def _score(student: nn.Module, batches: list[Any], targets: list[torch.Tensor],
@@ -206,7 +202,7 @@ def _score(student: nn.Module, batches: list[Any], targets: list[torch.Tensor],
     """The distillation loss on held-out batches, averaged over batches."""
     with torch.no_grad():
         values = [_loss(loss, primary_output(student(*a, **k)).float(), t).item()
-                  for (a, k), t in zip((_as_call(b) for b in batches), targets, strict=True)]
+                  for (a, k), t in zip((as_call(b) for b in batches), targets, strict=True)]
     return sum(values) / len(values)
 
 

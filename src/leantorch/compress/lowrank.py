@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantorch import validate
 from leantorch.compress.change import (
     Change,
     apply_transform,
@@ -35,7 +36,7 @@ from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError
 from leantorch.serialize import register_module
 
-__all__ = ["LowRankLinear", "choose_rank", "factorize_linear", "lowrank"]
+__all__ = ["LowRankLinear", "choose_rank", "factorize_linear", "lowrank", "svd"]
 
 
 @register_module(name="leantorch.LowRankLinear")
@@ -85,13 +86,10 @@ def choose_rank(
                         f"{given or 'none'}")
     full = min(in_features, out_features)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise LeanError(f"lowrank: rank must be a positive integer, got {rank!r}")
-        return min(rank, full)
+        return min(validate.positive_int("lowrank.svd", "rank", rank), full)
     for name, value in (("energy", energy), ("param_ratio", param_ratio)):
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is not None and not (number and 0 < value <= 1):
-            raise LeanError(f"lowrank: {name} must be in (0, 1] (a number), got {value!r}")
+        if value is not None:
+            validate.ratio("lowrank.svd", name, value, include_low=False, include_high=True)
     if energy is not None:
         squares = singular_values.double() ** 2
         kept = torch.cumsum(squares, 0) / squares.sum().clamp_min(1e-300)
@@ -158,7 +156,7 @@ def _check_arguments(*, rank: int | None = None, energy: float | None = None,
 
 
 @register_transform("lowrank.svd", check=_check_arguments)
-def lowrank(
+def svd(
     model: nn.Module,
     *,
     rank: int | None = None,
@@ -211,3 +209,8 @@ def lowrank(
         "lowrank.svd", model, edit, inplace=inplace, example_inputs=example_inputs,
         params={"rank": rank, "energy": energy, "param_ratio": param_ratio,
                 "activation_aware": activation_aware, "include": include, "exclude": exclude})
+
+
+# the name this transform had before registry names equalled function names (see
+# leantorch.compress.registry); kept so existing imports work
+lowrank = svd

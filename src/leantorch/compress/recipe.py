@@ -42,24 +42,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantorch.compress.change import Change, _as_call
+from leantorch.compress.change import Change
 from leantorch.compress.finetune import LOSSES, distill
 from leantorch.compress.progress import showing
-from leantorch.compress.registry import accepts, argument_check, get_transform
+from leantorch.compress.registry import (
+    accepts,
+    argument_check,
+    canonical_name,
+    get_transform,
+)
 from leantorch.compress.verify import TASKS, Fidelity, Gate, GateFailure, verify
-from leantorch.errors import LeanError, describe
+from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.inputs import as_call
 from leantorch.io import atomic_directory, atomic_write_text, read_text_file
 from leantorch.measure.latency import Spread
+from leantorch.validate import positive_int, ratio
 
 __all__ = [
     "Calibration",
     "Finetune",
     "Recipe",
+    "RecipeData",
     "RecipeResult",
     "Stage",
     "Step",
     "builtin_recipes",
     "load_recipe",
+    "recipe_data",
     "run_recipe",
 ]
 
@@ -77,24 +86,6 @@ def _keys(where: str, value: Any, allowed: Sequence[str], required: Sequence[str
         if key not in value:
             raise LeanError(f"{where}: missing key {key!r}")
     return dict(value)
-
-
-def _int(where: str, key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LeanError(f"{where}.{key} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _float(where: str, key: str, value: Any, low: float, high: float,
-           open_low: bool = True, open_high: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if open_low else value >= low) and \
-             (value < high if open_high else value <= high)
-    if not ok:
-        bracket = ("(" if open_low else "[") + f"{low}, {high}" + (")" if open_high else "]")
-        raise LeanError(f"{where}.{key} must be a number in {bracket}, got {value!r}")
-    return float(value)
 
 
 def _yaml_problem(error: Exception) -> str:
@@ -128,10 +119,10 @@ class Calibration:
         where = "recipe.calibration"
         d = _keys(where, value, ("samples", "batch_size", "seq_len", "holdout"))
         return cls(
-            samples=_int(where, "samples", d.get("samples", cls.samples), 1),
-            batch_size=_int(where, "batch_size", d.get("batch_size", cls.batch_size), 1),
-            seq_len=_int(where, "seq_len", d.get("seq_len", cls.seq_len), 2),
-            holdout=_float(where, "holdout", d.get("holdout", cls.holdout), 0, 1, True, True),
+            samples=positive_int(where, "samples", d.get("samples", cls.samples)),
+            batch_size=positive_int(where, "batch_size", d.get("batch_size", cls.batch_size)),
+            seq_len=positive_int(where, "seq_len", d.get("seq_len", cls.seq_len), minimum=2),
+            holdout=ratio(where, "holdout", d.get("holdout", cls.holdout), include_low=False),
         )
 
 
@@ -161,22 +152,21 @@ class Finetune:
         loss = d.get("loss", cls.loss)
         if loss not in LOSSES:
             raise LeanError(f"{where}.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        validation = _float(where, "validation", d.get("validation", 0.0), 0, 0.5,
-                            open_low=False, open_high=True)
-        patience = _int(where, "patience", d.get("patience", cls.patience), 0)
+        validation = ratio(where, "validation", d.get("validation", 0.0), high=0.5)
+        patience = positive_int(where, "patience", d.get("patience", cls.patience), minimum=0)
         if patience and not validation:
             raise LeanError(f"{where}.patience = {patience} needs validation > 0 (the fraction "
                             "of calibration batches to score)")
         return cls(
-            steps=_int(where, "steps", d.get("steps", cls.steps), 0),
-            lr=_float(where, "lr", d.get("lr", cls.lr), 0, 1),
+            steps=positive_int(where, "steps", d.get("steps", cls.steps), minimum=0),
+            lr=ratio(where, "lr", d.get("lr", cls.lr), include_low=False, include_high=True),
             loss=loss,
-            weight_decay=_float(where, "weight_decay", d.get("weight_decay", 0.0), 0, 1,
-                                open_low=False),
+            weight_decay=ratio(where, "weight_decay", d.get("weight_decay", 0.0),
+                               include_high=True),
             validation=validation,
-            eval_every=_int(where, "eval_every", d.get("eval_every", cls.eval_every), 1),
+            eval_every=positive_int(where, "eval_every", d.get("eval_every", cls.eval_every)),
             patience=patience,
-            l2sp=_float(where, "l2sp", d.get("l2sp", 0.0), 0, 1e6, open_low=False),
+            l2sp=ratio(where, "l2sp", d.get("l2sp", 0.0), high=1e6, include_high=True),
         )
 
 
@@ -188,6 +178,11 @@ class Step:
     transform: str | None
     args: dict[str, Any] = field(default_factory=dict)
     finetune: Finetune | None = None
+
+    def __post_init__(self) -> None:
+        # a renamed transform's old name warns once, here, and the step keeps the new name
+        if self.transform is not None:
+            object.__setattr__(self, "transform", canonical_name(self.transform, stacklevel=4))
 
     @classmethod
     def from_dict(cls, index: int, value: Any) -> Step:
@@ -618,7 +613,7 @@ def _time_stages(stages: list[Stage], example_inputs: Any, rounds: int) -> dict[
     minutes apart carries whatever changed on the machine in between."""
     from leantorch.measure.latency import compare_interleaved
 
-    args, kwargs = _as_call(example_inputs)
+    args, kwargs = as_call(example_inputs)
 
     def forward(model: nn.Module) -> Any:
         def call() -> None:
@@ -648,13 +643,79 @@ def _time_stages(stages: list[Stage], example_inputs: Any, rounds: int) -> dict[
             "device": comparison.device, "baseline": stages[0].label}
 
 
+@dataclass
+class RecipeData:
+    """The batches a recipe runs on, made from texts by its ``calibration`` settings (see
+    :func:`recipe_data`): pass them to :func:`run_recipe` with ``**data.arguments()``."""
+
+    calibration: list[Any]
+    evaluation: list[Any]
+    evaluation_ood: list[Any] | None = None
+    ood_source: str = ""
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`run_recipe` these data fill."""
+        return {"calibration": self.calibration, "evaluation": self.evaluation,
+                "example_inputs": self.evaluation[0], "evaluation_ood": self.evaluation_ood,
+                "ood_source": self.ood_source}
+
+
+def recipe_data(recipe: Recipe | str | Mapping[str, Any], loaded: Any,
+                texts: Sequence[str] | None = None, *,
+                shapes: Sequence[str] | None = None) -> RecipeData:
+    """Calibration and evaluation batches for ``loaded`` (a
+    :class:`leantorch.models.LoadedModel`, which knows how to turn texts into model inputs)
+    by ``recipe.calibration``: ``holdout`` of the texts verify, the first ``samples`` of the
+    rest calibrate and fine-tune, in batches of ``batch_size`` texts cut at ``seq_len``
+    tokens. The same function serves ``leantorch compress`` and :func:`run_recipe`, so a recipe
+    gives the same result from Python and from the command line.
+
+    ``texts``: at least 4 texts; None: the bundled sets (:func:`leantorch.data.corpora`: the
+    held-out sentences verify, the rest and the paraphrase corpus calibrate). A text model with
+    a tokenizer is also verified on a second kind of text
+    (:func:`leantorch.data.reference_sentences`), never calibrated on. ``shapes``: input
+    shapes for a model that takes neither text nor images (see ``LoadedModel.batches``).
+    """
+    from leantorch.data import corpora, reference_sentences, split
+
+    recipe = load_recipe(recipe)
+    if not callable(getattr(loaded, "batches", None)) or not isinstance(
+            getattr(loaded, "model", None), nn.Module):
+        raise LeanTypeError(f"recipe_data: loaded={describe(loaded)}; expected a "
+                            "leantorch.models.LoadedModel (from load_model), which makes inputs "
+                            "from texts")
+    cal = recipe.calibration
+    if texts is not None:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or \
+                len(texts) < 4:
+            raise LeanError(f"recipe_data: texts={describe(texts)}; expected a list of at "
+                            "least 4 strings (calibration and held-out evaluation)")
+        calibration_texts, evaluation_texts = split(list(texts), holdout=cal.holdout)
+    else:  # bundled sentences held out; calibration adds the paraphrase corpus
+        sets = corpora(holdout=cal.holdout)
+        calibration_texts, evaluation_texts = sets.calibration, sets.held_out
+    calibration = loaded.batches(calibration_texts[:cal.samples], cal.batch_size, cal.seq_len,
+                                 shapes=shapes)
+    evaluation = loaded.batches(evaluation_texts[:max(cal.batch_size, cal.samples)],
+                                cal.batch_size, cal.seq_len, seed=1, shapes=shapes)
+    # a second, different kind of text, never tuned on: only meaningful with a real tokenizer
+    tuned_on = set(calibration_texts)
+    ood_texts = [t for t in reference_sentences() if t not in tuned_on]
+    ood = (loaded.batches(ood_texts, cal.batch_size, cal.seq_len)
+           if loaded.kind == "text" and loaded.tokenizer is not None and ood_texts else None)
+    return RecipeData(calibration, evaluation, ood,
+                      "sentences of the Python language reference" if ood else "")
+
+
 def run_recipe(
     recipe: Recipe | str | Mapping[str, Any],
-    model: nn.Module,
+    model: Any,
     *,
-    calibration: Sequence[Any],
-    evaluation: Sequence[Any],
-    example_inputs: Any,
+    calibration: Sequence[Any] | None = None,
+    evaluation: Sequence[Any] | None = None,
+    example_inputs: Any = None,
+    texts: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
     latency_runs: int = 10,
     progress: bool = False,
     source: str = "",
@@ -663,11 +724,19 @@ def run_recipe(
 ) -> RecipeResult:
     """Apply ``recipe`` to a copy of ``model``.
 
+    ``model`` is an ``nn.Module`` with the data given as batches (``calibration``,
+    ``evaluation``, ``example_inputs``), or a :class:`leantorch.models.LoadedModel`
+    (``load_model(name)``), whose data :func:`recipe_data` makes from ``texts`` (default: the
+    bundled sets) by the recipe's ``calibration`` settings, exactly as ``leantorch compress``
+    does.
+
     Args:
         calibration: model inputs (batches) for transforms that look at activations and for
             the fine-tune.
         evaluation: held-out model inputs on which every stage is verified against ``model``.
-        example_inputs: one batch for FLOPs and latency.
+        example_inputs: one batch for FLOPs and latency (any form
+            :func:`leantorch.inputs.as_call` reads; default: the first evaluation batch).
+        texts, shapes: for a ``LoadedModel``: see :func:`recipe_data`.
         latency_runs: interleaved timing rounds; each round times every stage's model once,
             original included (0: no timing).
         evaluation_ood: optional model inputs from a second text set of a different kind
@@ -680,9 +749,28 @@ def run_recipe(
         GateFailure: a gate failed; ``error.result`` holds the full :class:`RecipeResult`.
     """
     recipe = load_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        given = [n for n, v in (("calibration", calibration), ("evaluation", evaluation),
+                                ("example_inputs", example_inputs),
+                                ("evaluation_ood", evaluation_ood)) if v is not None]
+        if given:
+            raise LeanError(f"run_recipe: model is a {type(model).__name__} whose data the "
+                            f"recipe's calibration settings make; got {', '.join(given)} as "
+                            "well: pass model.model with your own batches, or leave them out")
+        data = recipe_data(recipe, model, texts, shapes=shapes)
+        source = source or getattr(model, "name", "")
+        model = model.model
+        calibration, evaluation = data.calibration, data.evaluation
+        evaluation_ood, ood_source = data.evaluation_ood, ood_source or data.ood_source
+    elif texts is not None or shapes is not None:
+        raise LeanError("run_recipe: texts= and shapes= need a leantorch.models.LoadedModel "
+                        "(load_model(name)) to turn them into inputs; model is a "
+                        f"{type(model).__name__}")
     if not calibration or not evaluation:
         raise LeanError("run_recipe: calibration and evaluation must be non-empty lists of "
                         "model inputs")
+    if example_inputs is None:
+        example_inputs = evaluation[0]
     # a Recipe built in Python skipped from_dict's checks: run them before any step does work
     for index, step in enumerate(recipe.steps):
         if step.finetune is None:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from leantorch.compress.change import _as_call
 from leantorch.errors import LeanError, describe
+from leantorch.inputs import as_call
 
 __all__ = ["TASKS", "Fidelity", "Gate", "GateFailure", "verify"]
 
@@ -164,7 +164,7 @@ def verify(
     try:
         pairs, batches = [], []
         for batch in data:
-            args, kwargs = _as_call(batch)
+            args, kwargs = as_call(batch)
             a, b = original(*args, **kwargs), compressed(*args, **kwargs)
             if task == "auto":
                 task = _detect(a)

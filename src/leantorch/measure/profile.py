@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.inputs import ExampleInputs, as_call
 from leantorch.measure.counter import (
     ROOT,
     CostMode,
@@ -38,8 +39,9 @@ __all__ = ["count_params", "profile"]
 
 def profile(
     model: nn.Module,
-    *example_inputs: Any,
+    *inputs: Any,
     input_kwargs: Mapping[str, Any] | None = None,
+    example_inputs: ExampleInputs = None,
     backward: bool = False,
     train: bool | None = None,
     activations: bool = True,
@@ -49,7 +51,7 @@ def profile(
     threads: int | None = None,
     device_spec: str | DeviceSpec | None = "auto",
 ) -> CostReport:
-    """Count what ``model(*example_inputs, **input_kwargs)`` costs.
+    """Count what ``model(*inputs, **input_kwargs)`` costs.
 
     Every aten op that executes is costed (see :mod:`leantorch.measure.formulas`) and booked to
     the modules running it, so a data-dependent model costs what it ran on these inputs.
@@ -57,9 +59,13 @@ def profile(
     Args:
         model: any ``nn.Module``. It is left exactly as it was: same train/eval mode, buffers,
             gradients and RNG state, and no hooks, even when its forward raises.
-        example_inputs: positional inputs. A single ``Mapping`` is passed as keyword inputs
+        inputs: positional inputs. A single ``Mapping`` is passed as keyword inputs
             (what a Hugging Face tokenizer returns).
         input_kwargs: keyword inputs.
+        example_inputs: the inputs in any form :func:`leantorch.inputs.as_call` reads (a
+            tensor, a tuple or list of positional inputs, a mapping of keyword inputs, or
+            ``(args, kwargs)``), as every transform takes them; give either these or
+            ``inputs`` / ``input_kwargs``, not both.
         backward: also run backward (gradients of every output w.r.t. every parameter and
             input that requires grad, seeded with ones) and count its FLOPs per module.
             ``.grad`` attributes are not touched.
@@ -89,7 +95,7 @@ def profile(
             f"profile: model must be a torch.nn.Module, got {type(model).__name__} "
             f"{describe(model)}"
         )
-    args, kwargs = _split_inputs(example_inputs, input_kwargs)
+    args, kwargs = _split_inputs(inputs, input_kwargs, example_inputs)
     for name, value in (("runs", runs), ("warmup", warmup)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (name == "runs"):
             raise LeanError(f"profile: {name} must be an integer >= {int(name == 'runs')}, "
@@ -174,15 +180,25 @@ def profile(
 
 # --------------------------------------------------------------------------- helpers
 def _split_inputs(
-    example_inputs: tuple[Any, ...], input_kwargs: Mapping[str, Any] | None
+    inputs: tuple[Any, ...], input_kwargs: Mapping[str, Any] | None,
+    example_inputs: ExampleInputs = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if example_inputs is not None:
+        if inputs or input_kwargs is not None:
+            raise LeanError(
+                f"profile: example_inputs (a {type(example_inputs).__name__}) was given together "
+                f"with {len(inputs)} positional input(s) and input_kwargs="
+                f"{'None' if input_kwargs is None else 'a ' + type(input_kwargs).__name__}; "
+                "give the inputs one way: either "
+                "profile(model, *inputs, input_kwargs=...) or profile(model, example_inputs=...)")
+        return as_call(example_inputs, owner="profile: example_inputs")
     if input_kwargs is not None and not isinstance(input_kwargs, Mapping):
         raise LeanTypeError(f"profile: input_kwargs must be a mapping of name -> input, got "
                             f"{type(input_kwargs).__name__}")
     kwargs = dict(input_kwargs or {})
-    if len(example_inputs) == 1 and isinstance(example_inputs[0], Mapping) and not kwargs:
-        return (), dict(example_inputs[0])
-    return tuple(example_inputs), kwargs
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping) and not kwargs:
+        return (), dict(inputs[0])
+    return tuple(inputs), kwargs
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:

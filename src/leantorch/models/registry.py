@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from leantorch.errors import LeanError, UnknownModelError, describe
+from leantorch.validate import positive_int
 
 __all__ = [
     "BUILTINS",
@@ -66,8 +67,8 @@ class LoadedModel:
         (padded to the longest text of each batch, at most ``seq_len`` tokens); otherwise one
         deterministic random input per text (token ids for text models, images for vision,
         tensors of ``shapes`` such as ``"3x32x32"`` for other models)."""
-        _positive("batch_size", batch_size)
-        _positive("seq_len", seq_len)
+        positive_int(self.name, "batch_size", batch_size)
+        positive_int(self.name, "seq_len", seq_len)
         if shapes and self.kind == "text":
             raise LeanError(f"--input does not apply to {self.name}, a text model: its "
                             "inputs are token ids; use --seq-len N")
@@ -92,13 +93,13 @@ class LoadedModel:
         seed: int = 0,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """(positional inputs, keyword inputs) for a forward pass, generated deterministically."""
-        _positive("batch", batch)
+        positive_int(self.name, "batch", batch)
         generator = torch.Generator().manual_seed(seed)
         if self.kind == "text":
             if shapes:
                 raise LeanError(f"--input does not apply to {self.name}, a text model: its "
                                 "inputs are token ids; use --seq-len N")
-            length = self.default_seq_len if seq_len is None else _positive("seq_len", seq_len)
+            length = self.default_seq_len if seq_len is None else positive_int(self.name, "seq_len", seq_len)
             check_fits_memory(f"token ids of batch {batch} x seq_len {length}",
                               (batch, length), torch.int64, copies=2)  # ids and mask
             ids = torch.randint(0, self.vocab_size, (batch, length), generator=generator)
@@ -117,12 +118,6 @@ class LoadedModel:
         raise LeanError(f"{self.name}: no example inputs; give their shapes with --input SHAPE "
                         "(e.g. --input 3x224x224), or return (model, example_inputs) from the "
                         "factory")
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LeanError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,

@@ -97,14 +97,20 @@ def test_taylor_prunes_tiles_whose_inputs_never_fire() -> None:
         calibration.append((x,))
     pruned, _ = prune_block(layer, ratio=0.5, block_size=4, importance="taylor",
                                  calibration=calibration,
-                                 loss_fn=lambda out: out.square().sum())
+                                 loss_fn=lambda out, batch: out.square().sum())
     assert tiles_alive(pruned.weight, 4).tolist() == [[True, False]]
     assert layer.weight.grad is None and pruned.weight.requires_grad
     with pytest.raises(LeanError, match="needs calibration"):
         prune_block(layer, ratio=0.5, block_size=4, importance="taylor")
-    with pytest.raises(LeanError, match="needs a loss"):
+    # without a loss_fn (and no .loss in the output) the loss is a random projection of the
+    # output, as in structured pruning: the dead inputs still score zero
+    default, _ = prune_block(layer, ratio=0.5, block_size=4, importance="taylor",
+                             calibration=calibration)
+    assert tiles_alive(default.weight, 4).tolist() == [[True, False]]
+    with pytest.raises(LeanError, match=r"prune.block: loss_fn\(out\) cannot be called as "
+                                        r"loss_fn\(output, batch\)"):
         prune_block(layer, ratio=0.5, block_size=4, importance="taylor",
-                    calibration=calibration)
+                    calibration=calibration, loss_fn=lambda out: out.sum())
 
 
 def test_ratio_zero_identity_nesting_and_roundtrip(tmp_path) -> None:

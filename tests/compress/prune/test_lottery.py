@@ -171,7 +171,7 @@ def test_bad_arguments() -> None:
     train = sgd_train(toy_data())
     with pytest.raises(LeanError, match="rewind_step must be < steps"):
         find_ticket(mlp(), train, steps=3, rounds=1, rewind_step=3)
-    with pytest.raises(LeanError, match="rounds must be an int"):
+    with pytest.raises(LeanError, match="find_ticket: rounds=-1; expected an int >= 0"):
         find_ticket(mlp(), train, steps=3, rounds=-1)
     masked, _ = prune_magnitude(mlp(), ratio=0.5)
     with pytest.raises(LeanError, match="already carries masks"):

@@ -15,6 +15,7 @@ from leantorch.compress.prune.block import prune_block
 from leantorch.compress.prune.masks import prune_magnitude
 from leantorch.compress.prune.nm import prune_nm
 from leantorch.compress.prune.sparse_exec import (
+    BREAK_EVEN_SPARSITY,
     SparseLinear,
     bsr_linear,
     bsr_linear_reference,
@@ -152,7 +153,9 @@ def model() -> nn.Module:
 def test_make_sparse_equals_the_masked_model(fmt: str, prune) -> None:
     masked, _ = prune(model())
     x = torch.randn(4, 3, 32)
-    sparse, change = make_sparse(masked, format=fmt, block_size=8, example_inputs=(x,))
+    # 50-80% sparse: below the break-even, so force the conversion this test is about
+    sparse, change = make_sparse(masked, format=fmt, block_size=8, example_inputs=(x,),
+                                 force=True)
     assert change.replaced == ["0", "2", "4"]
     assert all(isinstance(sparse.get_submodule(p), SparseLinear) for p in change.replaced)
     torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-5)
@@ -195,13 +198,37 @@ def test_min_sparsity_and_skips() -> None:
     assert get_transform("prune.make_sparse") is make_sparse
 
 
+def test_the_default_threshold_is_the_measured_break_even_and_force_converts() -> None:
+    assert BREAK_EVEN_SPARSITY == {"csr": 0.85, "bsr": 0.80}
+    net = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 20))
+    with torch.no_grad():  # 200 weights each: 172 zeros (0.86 sparse) and 168 (0.84)
+        for layer, zeros in ((net[0], 172), (net[2], 168)):
+            flat = layer.weight.view(-1)
+            flat[torch.randperm(200, generator=torch.Generator().manual_seed(0))[:zeros]] = 0
+    _, change = make_sparse(net)
+    assert change.replaced == ["0"] and change.params["min_sparsity"] == 0.85
+    reason = change.skipped["2"]
+    assert "sparsity 0.840 below min_sparsity=0.85" in reason and "break-even" in reason
+    assert "force=True converts anyway" in reason
+    forced, change = make_sparse(net, force=True)
+    assert change.replaced == ["0", "2"] and isinstance(forced[2], SparseLinear)
+    _, change = make_sparse(net, min_sparsity=0.8)  # the caller's own threshold
+    assert change.replaced == ["0", "2"]
+    with pytest.raises(LeanError, match=r"force=True converts whatever the sparsity, so "
+                                        r"min_sparsity=0.5 would not apply"):
+        make_sparse(net, force=True, min_sparsity=0.5)
+    with pytest.raises(LeanError, match=r"prune.make_sparse: min_sparsity=1.5; expected a "
+                                        r"number in \[0, 1\]"):
+        make_sparse(net, min_sparsity=1.5)
+
+
 def test_gpt2_conv1d_layers_run_sparse_and_roundtrip(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
                                      n_positions=32, bos_token_id=0, eos_token_id=0)
     gpt2 = transformers.GPT2LMHeadModel(config).eval()
     masked, _ = prune_magnitude(gpt2, ratio=0.7)
-    sparse, change = make_sparse(masked)
+    sparse, change = make_sparse(masked, force=True)
     assert len(change.replaced) == 8 and "lm_head" in change.skipped
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(sparse(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-5)

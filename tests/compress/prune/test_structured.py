@@ -257,18 +257,28 @@ def test_global_ranking_spends_one_budget_across_layers() -> None:
         after.get("neurons encoder.layer.0.intermediate.dense", FF)
 
 
-def test_per_layer_overrides_and_ignore() -> None:
+def test_per_layer_overrides_and_exclude() -> None:
     model, inputs = tiny_bert(), text_inputs()
     _, change = prune_structured(model, ratio=0.5, units=["heads", "neurons"],
-                                 per_layer={"*layer.0*": 0}, ignore=["*layer.1.intermediate*"],
+                                 per_layer={"*layer.0*": 0}, exclude=["*layer.1.intermediate*"],
                                  example_inputs=inputs)
     assert list(change.details["groups"]) == ["heads encoder.layer.1.attention.self"]
-    assert "ignored module" in change.skipped["neurons encoder.layer.1.intermediate.dense"]
+    assert "would resize excluded module encoder.layer.1.intermediate.dense" in \
+        change.skipped["neurons encoder.layer.1.intermediate.dense"]
+    assert change.params["exclude"] == ["*layer.1.intermediate*"]
+    # the old name still works for a release, warns with the new one, and gives the same cut
+    with pytest.warns(DeprecationWarning, match=r"ignore= is now called exclude="):
+        _, old = prune_structured(model, ratio=0.5, units=["heads", "neurons"],
+                                  per_layer={"*layer.0*": 0}, ignore="*layer.1.intermediate*",
+                                  example_inputs=inputs)
+    assert old.to_dict() == change.to_dict()
+    with pytest.raises(LeanError, match=r"both exclude=.* and its old name ignore="):
+        prune_structured(model, exclude=["a"], ignore=["b"], example_inputs=inputs)
 
 
 def test_bad_arguments_are_explained() -> None:
     model, x = Chain().eval(), torch.randn(2, 6)
-    with pytest.raises(LeanError, match=r"ratio must be a number in \[0, 1\)"):
+    with pytest.raises(LeanError, match=r"prune.structured: ratio=1.0; expected a number in \[0, 1\)"):
         prune_structured(model, ratio=1.0, example_inputs=x)
     with pytest.raises(LeanError, match="units must be among"):
         prune_structured(model, units="filters", example_inputs=x)
@@ -309,6 +319,12 @@ def test_a_sublayer_that_outputs_zero_scores_zero_and_goes_first(tmp_path: Path)
         prune_sublayers(model, count=7, calibration=calibration)
     with pytest.raises(LeanError, match="calibration"):
         prune_sublayers(model, count=1)
+    # include / exclude are globs over the sublayer paths, as in every transform: with the
+    # zeroed MLP excluded, another sublayer goes first
+    _, picked = prune_sublayers(model, count=1, calibration=calibration,
+                                include="model.layers.*.mlp", exclude=["model.layers.1.*"])
+    assert picked.details["candidates"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert picked.replaced[0] in picked.details["candidates"]
 
 
 # --------------------------------------------------------------------------- recipes

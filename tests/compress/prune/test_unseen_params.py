@@ -198,10 +198,10 @@ def test_a_hard_coded_size_error_names_the_module_and_the_groups_to_leave_whole(
     # the groups reaching into the module: its reshaped rows, and the input its q reads
     assert "per_layer={'neurons inp': 0, 'neurons mix.q #1': 0, 'neurons mix.q #2': 0}" \
         in message
-    assert "ignore=['inp', 'mix.q']" in message
+    assert "exclude=['inp', 'mix.q']" in message
     # the advice works: the rest still prunes
     pruned, change = prune_structured(model, ratio=0.5, units="neurons", example_inputs=x,
-                                      ignore=["mix.q"])
+                                      exclude=["mix.q"])
     assert set(change.details["removed"]) == {"neurons inp"}
     assert pruned.inp.weight.shape == (8, 16) and pruned.mix.q.weight.shape == (32, 8)
     reference = masked(model, x, change.details["removed"])
@@ -232,7 +232,7 @@ def test_a_constant_split_feeding_a_module_names_the_groups_reaching_into_it(
     # the first part of the split (the columns of f) and f's own rows
     advice = "per_layer={'neurons 0 #1': 0, 'neurons 2.f': 0}"
     assert f"the groups cut there are 'neurons 0 #1', 'neurons 2.f': leave them whole with " \
-        f"{advice} or ignore=['0', '2.f']" in message
+        f"{advice} or exclude=['0', '2.f']" in message
     pruned, change = prune_structured(model, ratio=0.5, units="neurons", example_inputs=x,
                                       per_layer={"neurons 0 #1": 0, "neurons 2.f": 0})
     assert set(change.details["removed"]) == {"neurons 0 #2"}

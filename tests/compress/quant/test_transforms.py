@@ -40,9 +40,9 @@ TRANSFORMS = [
     ("quant.int4_weight", {"group_size": 16}),
     ("quant.int4_weight", {"group_size": None, "symmetric": True}),
     ("quant.llm_int8", {"threshold": 2.0}),
-    ("quant.fake", {"scheme": "int8_dynamic"}),
-    ("quant.fake", {"scheme": "int4_weight", "group_size": 16}),
-    ("quant.fake", {"scheme": "ternary"}),
+    ("quant.fake_quantize", {"scheme": "int8_dynamic"}),
+    ("quant.fake_quantize", {"scheme": "int4_weight", "group_size": 16}),
+    ("quant.fake_quantize", {"scheme": "ternary"}),
 ]
 IDS = [f"{name}{sorted(args.items())}" for name, args in TRANSFORMS]
 
@@ -72,7 +72,7 @@ def linears(model: nn.Module) -> dict[str, nn.Linear]:
 def test_every_transform_is_registered() -> None:
     names = set(transform_names())
     assert {"quant.int8_dynamic", "quant.int8_weight", "quant.int4_weight", "quant.llm_int8",
-            "quant.fake", "quant.convert"} <= names
+            "quant.fake_quantize", "quant.convert"} <= names
     assert get_transform("quant.int8_dynamic") is int8_dynamic
 
 

@@ -6,9 +6,11 @@ weight, transformers' ``Conv1D`` weight transposed, a convolution's weight flatt
 ``b``; other layers are skipped with the reason in ``Change.skipped``.
 
 Importance of a tile (higher = kept): ``"l1"`` (sum of ``|w|``), ``"l2"`` (Frobenius norm) or
-``"taylor"``, the first-order saliency ``|sum w * dL/dw|`` over the tile (LPViT), accumulated
-over the ``calibration`` batches, which needs a loss (``loss_fn(output)``, or the ``loss`` the
-model returns when the calibration inputs carry labels).
+``"taylor"``, the first-order saliency of the tile (LPViT; Molchanov et al. 2019), ``sum over
+calibration batches of (sum over the tile of w * dL/dw)^2``, computed by
+:func:`leantorch.compress.prune.importance.taylor_saliency` exactly as structured pruning scores
+a channel. The loss is ``loss_fn(output, batch)`` when given, else the model's own ``.loss``
+(calibration inputs that carry labels), else a fixed random projection of the output.
 
 Scope: ``"layer"`` prunes ``round(ratio * tiles)`` of every layer, ``"global"`` ranks the tiles
 of all layers together, ``"row"`` prunes ``round(ratio * tiles_per_row)`` in every block row of
@@ -18,15 +20,16 @@ matmul, see :mod:`leantorch.compress.prune.sparse_exec`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from leantorch.compress.change import Change, _as_call, apply_transform
+from leantorch import validate
+from leantorch.compress.change import Change, apply_transform
+from leantorch.compress.prune.importance import LossFn, check_loss_fn, taylor_saliency
 from leantorch.compress.prune.masks import (
-    _check_ratio,
     _check_scope,
     _count,
     _is_transformers_conv1d,
@@ -39,7 +42,7 @@ from leantorch.compress.prune.masks import (
     set_mask,
 )
 from leantorch.compress.registry import register_transform
-from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.errors import LeanError, describe
 
 __all__ = ["block_mask", "block_scores", "expand_blocks", "matrix_view", "prune_block"]
 
@@ -87,7 +90,7 @@ def block_mask(scores: torch.Tensor, ratio: float, scope: str = "layer") -> torc
     """Keep mask over tiles ``(R, C)`` for one layer: ``scope="layer"`` prunes the
     ``round(ratio * R * C)`` lowest, ``"row"`` the ``round(ratio * C)`` lowest of every row
     (ties: earlier tile first)."""
-    ratio = _check_ratio("block_mask", ratio)
+    ratio = validate.ratio("block_mask", "ratio", ratio, include_high=True)
     _check_scope("block_mask", scope, ("layer", "row"))
     if scope == "layer":
         return ~lowest_k(scores, _count(ratio, scores.numel()))
@@ -96,63 +99,26 @@ def block_mask(scores: torch.Tensor, ratio: float, scope: str = "layer") -> torc
         torch.ones_like(scores, dtype=torch.bool)
 
 
-def _check_block_size(block_size: Any) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise LeanError(f"prune.block: block_size must be a positive int, got "
-                        f"{describe(block_size)}")
-    return block_size
-
-
-def _taylor_products(
-    target: nn.Module,
-    modules: list[tuple[str, nn.Module]],
-    calibration: Sequence[Any] | None,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-) -> dict[str, torch.Tensor]:
-    """``sum over batches of w * dL/dw`` per layer (elementwise; summed into tiles later)."""
-    if not calibration:
-        raise LeanError("prune.block: importance='taylor' needs calibration inputs (a list of "
-                        "model inputs), got none")
+def _taylor_tiles(target: nn.Module, modules: list[tuple[str, nn.Module]], block_size: int,
+                  calibration: Sequence[Any], loss_fn: LossFn | None, seed: int
+                  ) -> dict[str, torch.Tensor]:
+    """Per-tile Taylor saliency ``(out // b, in // b)`` of each layer at ``path``: the
+    per-weight products of every batch summed over each tile, squared, summed over batches."""
     weights = {path: _original(module) for path, module in modules}
-    saved = {path: (w.requires_grad, w.grad) for path, w in weights.items()}
-    others = [p for p in target.parameters() if all(p is not w for w in weights.values())]
-    others_state = [(p.requires_grad, p.grad) for p in others]
-    sums = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
-    try:
-        for p in others:
-            p.requires_grad_(False)  # only the pruned weights need gradients
-        for w in weights.values():
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            for batch in calibration:
-                args, kwargs = _as_call(batch)
-                for w in weights.values():
-                    w.grad = None
-                output = target(*args, **kwargs)
-                if loss_fn is not None:
-                    loss = loss_fn(output)
-                elif getattr(output, "loss", None) is not None:
-                    loss = output.loss
-                else:
-                    raise LeanError("prune.block: importance='taylor' needs a loss: pass "
-                                    "loss_fn(output) -> scalar, or calibration inputs with "
-                                    "labels so the model returns .loss")
-                loss.backward()
-                for path, w in weights.items():
-                    if w.grad is not None:
-                        sums[path] += (w.detach() * w.grad).float()
-    finally:
-        for path, w in weights.items():
-            w.requires_grad_(saved[path][0])
-            w.grad = saved[path][1]
-        for p, (flag, grad) in zip(others, others_state, strict=True):
-            p.requires_grad_(flag)
-            p.grad = grad
-    return sums
+
+    def per_tile(products: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {path: block_scores(matrix_view(module, products[path]), block_size, "sum")
+                for path, module in modules if path in products}
+
+    saliency = taylor_saliency(target, weights, calibration, per_tile, loss_fn=loss_fn,
+                               seed=seed, owner="prune.block: importance='taylor'")
+    return {path: saliency.get(path, torch.zeros(
+        tuple(n // block_size for n in matrix_view(module, weights[path]).shape),
+        dtype=torch.float64)) for path, module in modules}
 
 
 @register_transform("prune.block")
-def prune_block(
+def block(
     model: nn.Module,
     *,
     ratio: float = 0.5,
@@ -162,7 +128,8 @@ def prune_block(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     calibration: Sequence[Any] | None = None,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
     example_inputs: Any = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, Change]:
@@ -170,18 +137,24 @@ def prune_block(
 
     ratio: fraction of tiles (so of weights) removed, exactly ``round(ratio * tiles)`` per layer
     (``scope="layer"``), per block row (``"row"``) or over all layers (``"global"``); 0 is the
-    identity. importance: ``"l1"``, ``"l2"`` or ``"taylor"`` (needs ``calibration`` and a loss).
+    identity. importance: ``"l1"``, ``"l2"`` or ``"taylor"``: the first-order Taylor saliency
+    of :func:`leantorch.compress.prune.importance.taylor_saliency` (the one structured pruning
+    uses), ``sum over calibration batches of (sum over the tile of w * dL/dw)^2``; it needs
+    ``calibration`` (a list of model inputs). ``loss_fn(output, batch) -> scalar`` gives the
+    loss; without it the model's own ``.loss`` (batches with labels), else a fixed random
+    projection of the output drawn from ``seed``.
     Tiles already fully masked are pruned first, so repeated calls nest.
     """
-    ratio = _check_ratio("prune.block", ratio)
-    block_size = _check_block_size(block_size)
+    ratio = validate.ratio("prune.block", "ratio", ratio, include_high=True)
+    block_size = validate.positive_int("prune.block", "block_size", block_size)
     _check_scope("prune.block", scope, ("layer", "global", "row"))
     if importance not in IMPORTANCES:
         raise LeanError(f"prune.block: importance must be one of {', '.join(IMPORTANCES)}, got "
                         f"{describe(importance)}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise LeanTypeError(f"prune.block: loss_fn must be callable(output) -> scalar, got "
-                            f"{describe(loss_fn)}")
+    loss_fn = check_loss_fn("prune.block", loss_fn)
+    if importance == "taylor" and not calibration:
+        raise LeanError("prune.block: importance='taylor' needs calibration inputs (a list of "
+                        "model inputs), got none")
 
     def edit(target: nn.Module, change: Change) -> None:
         if ratio == 0:
@@ -198,7 +171,7 @@ def prune_block(
             raise LeanError(f"prune.block: no layer can be tiled by {block_size}x{block_size} "
                             f"(include={include!r}, exclude={exclude!r}; skipped: "
                             f"{change.skipped})")
-        products = _taylor_products(target, modules, calibration, loss_fn) \
+        saliency = _taylor_tiles(target, modules, block_size, calibration, loss_fn, seed) \
             if importance == "taylor" else {}
         scores = {}
         for path, module in modules:
@@ -207,7 +180,7 @@ def prune_block(
             if mask is not None:
                 weight = torch.where(mask, weight, 0.0)
             if importance == "taylor":
-                tile = block_scores(matrix_view(module, products[path]), block_size, "sum")
+                tile = saliency[path].float()
             else:
                 tile = block_scores(matrix_view(module, weight).float(), block_size, importance)
             if mask is not None:  # fully masked tiles go first, so masks nest
@@ -227,6 +200,11 @@ def prune_block(
 
     return apply_transform("prune.block", model, edit,
                            params={"ratio": ratio, "block_size": block_size,
-                                   "importance": importance, "scope": scope,
+                                   "importance": importance, "scope": scope, "seed": seed,
                                    "include": include, "exclude": exclude},
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_block = block

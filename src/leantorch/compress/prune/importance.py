@@ -9,16 +9,18 @@ value rows and its output-projection columns together.
 - ``"bn"``: ``|gamma|`` of the unit's normalisation layers (BatchNorm scale; network slimming);
   groups without one fall back to ``"l1"``.
 - ``"taylor"``: first-order Taylor, ``sum over batches (sum_slice w * dL/dw)^2`` (Molchanov et
-  al. 2019), the estimated loss change of removing the unit. Needs calibration batches. With
-  ``loss_fn(output, batch)`` the loss is yours; without it the loss is a fixed random
-  projection of the model's output, so the score estimates how much the output moves
+  al. 2019), the estimated loss change of removing the unit (:func:`taylor_saliency`, shared
+  with block pruning). Needs calibration batches. With ``loss_fn(output, batch)`` the loss is
+  yours; without it the model's own ``.loss`` when the batches carry labels, else a fixed
+  random projection of the model's output, so the score estimates how much the output moves
   (expected squared change) when the unit goes.
 - ``"random"``: uniform scores from ``seed`` (the control).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,9 +28,14 @@ from torch import nn
 
 from leantorch.compress.graph import DependencyGraph, Group, TensorSlice, default_inputs
 from leantorch.compress.verify import primary_output
-from leantorch.errors import LeanError
+from leantorch.errors import LeanError, LeanTypeError, describe
 
-__all__ = ["IMPORTANCES", "group_scores", "score_groups"]
+__all__ = ["IMPORTANCES", "LossFn", "check_loss_fn", "group_scores", "score_groups",
+           "taylor_saliency"]
+
+#: ``loss_fn(output, batch) -> scalar tensor``: ``output`` is what the model returned on
+#: ``batch``, one calibration batch as it was given (so labels can ride along).
+LossFn = Callable[[Any, Any], torch.Tensor]
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
 _WEIGHT_ROLES = ("out", "in", "param", "norm", "rows")
@@ -101,59 +108,133 @@ def _random(groups: Sequence[Group], seed: int) -> dict[int, torch.Tensor]:
     return {g.id: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in groups}
 
 
-def _taylor(model: nn.Module, groups: Sequence[Group], calibration: Sequence[Any],
-            loss_fn: Callable[[Any, Any], torch.Tensor] | None, seed: int
-            ) -> dict[int, torch.Tensor]:
+def check_loss_fn(owner: str, loss_fn: Any) -> LossFn | None:
+    """``loss_fn`` if it is None or a callable that can be called as ``loss_fn(output, batch)``
+    (the one signature every leantorch loss hook takes: ``output`` is what the model returned,
+    ``batch`` the calibration inputs it ran on, in the form they were given); otherwise a
+    :class:`LeanError` naming ``owner``, what was seen and what is accepted."""
+    if loss_fn is None:
+        return None
+    if not callable(loss_fn):
+        raise LeanTypeError(f"{owner}: loss_fn={describe(loss_fn)}; expected a callable "
+                            "loss_fn(output, batch) -> scalar tensor")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return loss_fn
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        raise LeanError(f"{owner}: loss_fn{signature} cannot be called as loss_fn(output, "
+                        f"batch) ({error}); expected a callable of two arguments, the model "
+                        "output and the calibration batch, returning a scalar tensor") from None
+    return loss_fn
+
+
+def taylor_saliency(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    calibration: Sequence[Any],
+    reduce: Callable[[dict[str, torch.Tensor]], dict[Any, torch.Tensor]],
+    *,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    owner: str = "importance='taylor'",
+) -> dict[Any, torch.Tensor]:
+    """First-order Taylor saliency (Molchanov et al. 2019), the one used by structured and
+    block pruning.
+
+    For each calibration batch ``b`` the per-weight products ``p_b[name] = w * dL_b/dw``
+    (float64, shaped like ``weights[name]``) are handed to ``reduce``, which sums them over
+    each unit the caller removes as one (a channel's slices, a ``b x b`` tile) and returns
+    ``{key: (k,) or (r, c) tensor}``; the score of a unit is ``sum over batches of
+    reduce(p_b)[key] ** 2``, the estimated squared loss change of removing it.
+
+    The loss ``L_b`` is ``loss_fn(output, batch)`` when given (see :func:`check_loss_fn`),
+    else the model's own ``output.loss`` (calibration batches that carry labels), else a fixed
+    random projection (from ``seed``) of the model's primary output, so the score estimates how
+    much the output moves when the unit goes.
+
+    ``weights``: name -> leaf tensor of ``model`` (a parameter; the original of a parametrized
+    weight). Gradients are taken for these alone; every parameter's ``requires_grad`` and
+    ``.grad`` and the train/eval mode are restored afterwards, also when a forward raises.
+    """
     if not calibration:
-        raise LeanError("importance='taylor' needs calibration data: a list of model inputs "
-                        "(each a tuple of positional inputs or a dict of keyword inputs)")
-    params = dict(model.named_parameters())
-    names = {m.tensor for g in groups for m in g.tensors if m.tensor in params}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    scores = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+        raise LeanError(f"{owner} needs calibration data: a list of model inputs (each a "
+                        "tensor, a tuple of positional inputs or a dict of keyword inputs), "
+                        "got none")
+    loss_fn = check_loss_fn(owner, loss_fn)
+    chosen = {id(w) for w in weights.values()}
+    everything = list(model.parameters())
+    state = [(p.requires_grad, p.grad) for p in everything]
+    scores: dict[Any, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(seed)
     projection: torch.Tensor | None = None
     training = model.training
     try:
         model.eval()
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names)
+        for p in everything:
+            p.requires_grad_(id(p) in chosen)  # only the scored weights need gradients
             p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
         for batch in calibration:
             args, kwargs = default_inputs(model, batch)
             with torch.enable_grad():
                 output = model(*args, **kwargs)
                 if loss_fn is not None:
                     loss = loss_fn(output, batch)
+                elif isinstance(getattr(output, "loss", None), torch.Tensor):
+                    loss = output.loss
                 else:
-                    out = primary_output(output, "taylor importance",
-                                         "; pass loss_fn(output, batch) -> scalar")
+                    out = primary_output(output, owner, "; pass loss_fn(output, batch) -> "
+                                         "scalar")
                     if projection is None or projection.shape != out.shape[-1:]:
                         projection = torch.randn(out.shape[-1], generator=generator,
                                                  dtype=out.dtype).to(out.device)
                     loss = (out * projection).sum()
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise LeanError(f"{owner}: the loss is {describe(loss)}; expected a scalar "
+                                    "tensor from loss_fn(output, batch)")
                 loss.backward()
-            products = {n: (params[n].detach() * params[n].grad).double() for n in names
-                        if params[n].grad is not None}
-            for g in groups:
-                z = torch.zeros(g.size, dtype=torch.float64)
-                for member in g.tensors:
-                    if member.tensor not in products:
-                        continue
-                    product = products[member.tensor]
-                    dims = [d for d in range(product.dim()) if d != member.dim]
-                    per_index = product.sum(dim=dims) if dims else product
-                    z += _per_unit(g, member, per_index)
-                scores[g.id] += z * z
-            for n in names:
-                params[n].grad = None
+            products = {name: (w.detach() * w.grad).double() for name, w in weights.items()
+                        if w.grad is not None}
+            for key, value in reduce(products).items():
+                square = value.double() ** 2
+                scores[key] = scores[key] + square if key in scores else square
+            for w in weights.values():
+                w.grad = None
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = grads[n]
+        for p, (flag, grad) in zip(everything, state, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
         model.train(training)
     return scores
+
+
+def _taylor(model: nn.Module, groups: Sequence[Group], calibration: Sequence[Any],
+            loss_fn: LossFn | None, seed: int) -> dict[int, torch.Tensor]:
+    params = dict(model.named_parameters())
+    names = sorted({m.tensor for g in groups for m in g.tensors if m.tensor in params})
+
+    def per_unit(products: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        sums = {}
+        for g in groups:
+            z = torch.zeros(g.size, dtype=torch.float64)
+            for member in g.tensors:
+                if member.tensor not in products:
+                    continue
+                product = products[member.tensor]
+                dims = [d for d in range(product.dim()) if d != member.dim]
+                per_index = product.sum(dim=dims) if dims else product
+                z += _per_unit(g, member, per_index)
+            sums[g.id] = z
+        return sums
+
+    scores = taylor_saliency(model, {n: params[n] for n in names}, calibration, per_unit,
+                             loss_fn=loss_fn, seed=seed)
+    return {g.id: scores.get(g.id, torch.zeros(g.size, dtype=torch.float64)) for g in groups}
 
 
 def score_groups(
@@ -163,7 +244,7 @@ def score_groups(
     importance: str | Callable[..., dict[int, torch.Tensor]] = "l2",
     *,
     calibration: Sequence[Any] | None = None,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     seed: int = 0,
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """Scores ``{group id: (size,) float64}`` for ``groups`` and notes about how they were made.

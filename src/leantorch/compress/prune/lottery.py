@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from leantorch import validate
 from leantorch.compress.prune.masks import (
     WeightMask,
-    _check_ratio,
     _check_scope,
     _count,
     _scores,
@@ -148,7 +148,7 @@ def prune_round(
     output layer at half the rate). Masks nest: nothing pruned comes back. Returns
     :func:`mask_stats`.
     """
-    rate = _check_ratio("prune_round", rate)
+    rate = validate.ratio("prune_round", "rate", rate, include_high=True)
     _check_scope("prune_round", scope, ("layer", "global"))
     if layer_rates is not None and scope != "layer":
         raise LeanError("prune_round: layer_rates apply to scope='layer' only, got "
@@ -165,8 +165,8 @@ def prune_round(
                 layer_rate = rate
                 for pattern, value in (layer_rates or {}).items():
                     if fnmatch.fnmatchcase(path, pattern):
-                        layer_rate = _check_ratio(f"prune_round: layer_rates[{pattern!r}]",
-                                                  value)
+                        layer_rate = validate.ratio("prune_round", f"layer_rates[{pattern!r}]",
+                                                    value, include_high=True)
                         break
                 survivors = scores[path].numel() - dead[path]
                 k = dead[path] + _count(layer_rate, survivors)
@@ -262,13 +262,11 @@ def find_ticket(
                             f"{describe(train)}")
     for name, value, low in (("steps", steps, 1), ("rounds", rounds, 0),
                              ("rewind_step", rewind_step, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise LeanError(f"find_ticket: {name} must be an int >= {low}, got "
-                            f"{describe(value)}")
+        validate.positive_int("find_ticket", name, value, minimum=low)
     if rewind_step >= steps:
         raise LeanError(f"find_ticket: rewind_step must be < steps ({steps}), got "
                         f"{rewind_step}")
-    _check_ratio("find_ticket", rate)
+    validate.ratio("find_ticket", "rate", rate, include_high=True)
     _check_scope("find_ticket", scope, ("layer", "global"))
     if any(isinstance(m, WeightMask) for m in model.modules()):
         raise LeanError("find_ticket: the model already carries masks; start from a dense "

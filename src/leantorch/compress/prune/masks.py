@@ -17,7 +17,6 @@ deterministic.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from leantorch import validate
 from leantorch.compress.change import Change, apply_transform, select_modules
 from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError, LeanTypeError, describe
@@ -35,6 +35,7 @@ __all__ = [
     "get_mask",
     "input_dim",
     "lowest_k",
+    "magnitude",
     "make_permanent",
     "mask_stats",
     "own_class",
@@ -233,16 +234,6 @@ def _count(ratio: float, n: int) -> int:
     return min(n, max(0, round(ratio * n)))
 
 
-def _check_ratio(name: str, ratio: Any, upper_inclusive: bool = True) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or math.isnan(ratio):
-        raise LeanTypeError(f"{name}: ratio must be a number in [0, 1], got {describe(ratio)}")
-    if not (0 <= ratio <= 1 if upper_inclusive else 0 <= ratio < 1):
-        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise LeanError(f"{name}: ratio must be in {bound} (the fraction of weights removed), "
-                        f"got {ratio}")
-    return float(ratio)
-
-
 def _check_scope(name: str, scope: Any, allowed: Sequence[str]) -> str:
     if scope not in allowed:
         raise LeanError(f"{name}: scope must be one of {', '.join(map(repr, allowed))}, got "
@@ -261,7 +252,7 @@ def prune_scores(
     lowest scores over all of them together (ties: earlier path, then earlier position).
     Returns ``{path: bool keep mask}``.
     """
-    ratio = _check_ratio("prune_scores", ratio)
+    ratio = validate.ratio("prune_scores", "ratio", ratio, include_high=True)
     _check_scope("prune_scores", scope, ("layer", "global"))
     if scope == "layer":
         return {path: ~lowest_k(s, _count(ratio, s.numel())) for path, s in scores.items()}
@@ -303,7 +294,7 @@ def _record_sparsity(target: nn.Module, change: Change) -> None:
 
 # --------------------------------------------------------------------------- transforms
 @register_transform("prune.magnitude")
-def prune_magnitude(
+def magnitude(
     model: nn.Module,
     *,
     ratio: float = 0.5,
@@ -321,7 +312,7 @@ def prune_magnitude(
     keeps its mask and loses more entries until it reaches the target; a layer already sparser
     than the target is left as it is. Biases are never pruned.
     """
-    ratio = _check_ratio("prune.magnitude", ratio)
+    ratio = validate.ratio("prune.magnitude", "ratio", ratio, include_high=True)
     _check_scope("prune.magnitude", scope, ("layer", "global"))
 
     def edit(target: nn.Module, change: Change) -> None:
@@ -342,6 +333,11 @@ def prune_magnitude(
                            params={"ratio": ratio, "scope": scope, "include": include,
                                    "exclude": exclude},
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_magnitude = magnitude
 
 
 def _bake(module: nn.Module, name: str = "weight") -> None:

@@ -64,7 +64,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, dim: int = 1) -> torch.Tensor:
 
 
 @register_transform("prune.nm")
-def prune_nm(
+def nm(
     model: nn.Module,
     *,
     n: int = 2,
@@ -100,3 +100,8 @@ def prune_nm(
     return apply_transform("prune.nm", model, edit,
                            params={"n": n, "m": m, "include": include, "exclude": exclude},
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_nm = nm

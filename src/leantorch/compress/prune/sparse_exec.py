@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantorch import validate
 from leantorch.compress.change import Change, apply_transform, replace_module, select_modules
 from leantorch.compress.prune.masks import (
     _is_transformers_conv1d,
@@ -44,6 +45,7 @@ from leantorch.measure import Cost, register_formula
 from leantorch.serialize import register_module
 
 __all__ = [
+    "BREAK_EVEN_SPARSITY",
     "FORMATS",
     "SparseLinear",
     "bsr_linear",
@@ -345,33 +347,56 @@ def _layer_matrix(module: nn.Module) -> torch.Tensor:
     return weight.t() if _is_transformers_conv1d(module) else weight
 
 
+#: The sparsity (fraction of zero weights for CSR, of zero tiles for BSR) from which a sparse
+#: matmul beats the dense one, per format: one minus the median crossover density measured by
+#: ``benchmarks/sparse_matmul.py`` (``benchmarks/results/sparse_matmul.json``: Linear 768x3072
+#: and 3072x768, 1, 128 and 1024 rows, unstructured / N:M / 16- and 32-blocks, fp32, 2 threads,
+#: Intel Xeon). CSR crossovers spanned densities 0.02-0.27 with median 0.153 over 23 cases (one
+#: case never won); BSR 0.05-0.28 with median 0.204 over 12 cases. Below these sparsities a
+#: SparseLinear is most likely slower than the dense layer it replaces.
+BREAK_EVEN_SPARSITY = {"csr": 0.85, "bsr": 0.80}
+
+
 @register_transform("prune.make_sparse")
 def make_sparse(
     model: nn.Module,
     *,
     format: str = "csr",
     block_size: int = 16,
-    min_sparsity: float = 0.0,
+    min_sparsity: float | None = None,
+    force: bool = False,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     example_inputs: Any = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, Change]:
     """Replace every selected Linear (and transformers ``Conv1D``) by a :class:`SparseLinear`
-    holding its non-zero weights (a masked weight is taken as masked).
+    holding its non-zero weights (a masked weight is taken as masked), where sparse execution
+    pays.
 
     format: ``"csr"`` or ``"bsr"`` (tiles of ``block_size``; both weight sides must be
     multiples). min_sparsity: leave a layer dense when fewer than this fraction of its weights
-    (CSR) or tiles (BSR) are zero; the benchmark's crossover density is a good value. Layers
-    left dense are listed in ``Change.skipped`` with the reason; convolutions are not converted.
+    (CSR) or tiles (BSR) are zero; None (default) takes the format's measured break-even,
+    :data:`BREAK_EVEN_SPARSITY` (0.85 for CSR, 0.80 for BSR, from
+    ``benchmarks/results/sparse_matmul.json``), so a dense layer is not swapped for a slower
+    sparse one. force: convert every eligible layer whatever its sparsity (for tests, or a
+    machine measured to break even sooner); not together with ``min_sparsity``. Layers left
+    dense are listed in ``Change.skipped`` with the reason; convolutions are not converted.
     """
     if format not in FORMATS:
         raise LeanError(f"prune.make_sparse: format must be one of {', '.join(FORMATS)}, got "
                         f"{describe(format)}")
-    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, int | float) \
-            or not 0 <= min_sparsity <= 1:
-        raise LeanError(f"prune.make_sparse: min_sparsity must be in [0, 1], got "
-                        f"{describe(min_sparsity)}")
+    if not isinstance(force, bool):
+        raise LeanError(f"prune.make_sparse: force={describe(force)}; expected True or False")
+    if force and min_sparsity is not None:
+        raise LeanError(f"prune.make_sparse: force=True converts whatever the sparsity, so "
+                        f"min_sparsity={describe(min_sparsity)} would not apply; give one of "
+                        "them")
+    if min_sparsity is not None:
+        min_sparsity = validate.ratio("prune.make_sparse", "min_sparsity", min_sparsity,
+                                      include_high=True)
+    threshold = 0.0 if force else (BREAK_EVEN_SPARSITY[format] if min_sparsity is None
+                                   else min_sparsity)
     b = block_size if format == "bsr" else 1
 
     def edit(target: nn.Module, change: Change) -> None:
@@ -397,9 +422,12 @@ def make_sparse(
                 continue
             tiles = (weight != 0).reshape(rows // b, b, cols // b, b).any(3).any(1)
             sparsity = 1 - tiles.float().mean().item()
-            if sparsity < min_sparsity:
+            if sparsity < threshold:
+                why = "" if min_sparsity is not None else (
+                    f", the measured break-even of sparse {format} (below it a dense matmul "
+                    "is faster; benchmarks/results/sparse_matmul.json)")
                 change.skipped[path] = (f"sparsity {sparsity:.3f} below min_sparsity="
-                                        f"{min_sparsity}")
+                                        f"{threshold:g}{why}; force=True converts anyway")
                 continue
             layer = SparseLinear.from_dense(weight, bias, format, b)
             replace_module(target, path, layer)
@@ -408,6 +436,7 @@ def make_sparse(
 
     return apply_transform("prune.make_sparse", model, edit,
                            params={"format": format, "block_size": b,
-                                   "min_sparsity": min_sparsity, "include": include,
+                                   "min_sparsity": threshold, "force": force,
+                                   "include": include,
                                    "exclude": exclude},
                            example_inputs=example_inputs, inplace=inplace)

@@ -9,9 +9,9 @@ Three separate pieces, in the spirit of Torch-Pruning's design:
   per-group ratio (default), or one global ranking per kind of unit (``global_ranking``),
   with per-module overrides, ``round_to`` (the kept size of each cut tensor dimension is a
   multiple of it, e.g. 8 for SIMD-friendly widths), a ceiling ``max_ratio`` so no group
-  collapses, and modules to ``ignore`` (their own output size is kept).
+  collapses, and modules to ``exclude`` (their own output size is kept).
 
-:func:`prune_structured` (registered as ``prune.structured``) runs the three and then
+:func:`structured` (registered as ``prune.structured``; also exported as ``prune_structured``) runs the three and then
 :func:`leantorch.compress.prune.layers.remove_units`, and checks that the pruned model runs
 and gives outputs of the original shapes (in eval and training mode). :func:`mask_units` is
 the readable reference: it zeroes the same slices in place of removing them; for groups marked
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from leantorch.compress.change import Change, apply_transform
+from leantorch import validate
+from leantorch.compress.change import Change, _patterns, apply_transform
 from leantorch.compress.graph import (
     DependencyGraph,
     Group,
@@ -38,7 +40,7 @@ from leantorch.compress.graph import (
     build_graph,
     default_inputs,
 )
-from leantorch.compress.prune.importance import IMPORTANCES, score_groups
+from leantorch.compress.prune.importance import IMPORTANCES, check_loss_fn, score_groups
 from leantorch.compress.prune.layers import remove_units
 from leantorch.compress.registry import register_transform
 from leantorch.errors import LeanError, LeanTypeError, describe
@@ -47,13 +49,6 @@ __all__ = ["KINDS", "mask_units", "plan_removal", "prune_structured"]
 
 KINDS = ("channels", "heads", "kv_heads", "neurons", "width", "experts")
 _OWN_OUTPUT_ROLES = ("out", "param", "norm")
-
-
-def _check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise LeanError(f"prune.structured: {name} must be a number in [0, 1), got "
-                        f"{describe(value)}")
-    return float(value)
 
 
 def _units(units: str | Sequence[str]) -> list[str]:
@@ -71,8 +66,8 @@ def _matches(path: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def _ignored(group: Group, patterns: Sequence[str]) -> str | None:
-    """The ignored module whose own output size this group would change, if any."""
+def _excluded(group: Group, patterns: Sequence[str]) -> str | None:
+    """The excluded module whose own output size this group would change, if any."""
     for member in group.tensors:
         if member.role in _OWN_OUTPUT_ROLES and _matches(member.module, patterns):
             return member.module
@@ -198,7 +193,7 @@ def _shapes(output: Any) -> list[tuple[int, ...]]:
 def _checked_shapes(model: nn.Module, inputs: Any, training: bool, graph: DependencyGraph,
                     plan: dict[int, list[int]]) -> list[tuple[int, ...]]:
     """Output shapes of the pruned model; if it no longer runs, an error naming the module that
-    failed and the cut groups reaching into it (to leave whole with ``per_layer`` / ``ignore``)."""
+    failed and the cut groups reaching into it (to leave whole with ``per_layer`` / ``exclude``)."""
     stack, handles = _module_path_stack(model)
     try:
         return _shapes(_outputs(model, inputs, training))
@@ -217,7 +212,7 @@ def _no_longer_runs(model: nn.Module, graph: DependencyGraph, plan: dict[int, li
     if path is None:
         return LeanError(f"prune.structured: the pruned model no longer runs{mode} "
                          f"({type(error).__name__}: {text}); some module keeps a size the graph "
-                         "cannot update: leave its groups alone with ignore=[...] or "
+                         "cannot update: leave its groups alone with exclude=[...] or "
                          "per_layer={...: 0}")
     kind = type(model.get_submodule(path)).__name__
     where = f"the module at {path!r} ({kind})" if path else f"the model's own forward ({kind})"
@@ -240,11 +235,11 @@ def _no_longer_runs(model: nn.Module, graph: DependencyGraph, plan: dict[int, li
         f"{type(error).__name__}: {text}. Module code keeps a size the graph cannot update (a "
         "constant in a reshape, view or split, a size stored outside its tensors); the groups "
         f"cut {there} are {', '.join(repr(g.name) for g in groups)}: leave them whole with "
-        f"per_layer={{{names}}} or ignore={producers!r}")
+        f"per_layer={{{names}}} or exclude={producers!r}")
 
 
 @register_transform("prune.structured")
-def prune_structured(
+def structured(
     model: nn.Module,
     *,
     ratio: float = 0.3,
@@ -253,7 +248,7 @@ def prune_structured(
     global_ranking: bool = False,
     per_layer: dict[str, float] | None = None,
     round_to: int | None = None,
-    ignore: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     max_ratio: float = 0.9,
     leaf_modules: Sequence[str] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -261,6 +256,7 @@ def prune_structured(
     example_inputs: Any = None,
     calibration: Sequence[Any] | None = None,
     inplace: bool = False,
+    ignore: str | Sequence[str] | None = None,
 ) -> tuple[nn.Module, Change]:
     """Remove ``ratio`` of the units of every prunable group whose kind is in ``units``.
 
@@ -276,12 +272,18 @@ def prune_structured(
             module whose output size the group sets, matches (first match wins; 0 leaves
             them alone).
         round_to: keep cut dimensions at multiples of this (8 for vector-friendly widths).
-        ignore: module path patterns whose own output size must not change (a classifier).
+        exclude: module path globs (``fnmatch``, as every transform's ``exclude``) whose own
+            output size must not change (a classifier): groups that would resize them are
+            left whole, with the reason in ``change.skipped``.
         max_ratio: the most any one group may lose.
         leaf_modules: modules the graph treats as black boxes (see ``build_graph``).
-        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"``.
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"`` (see
+            :func:`leantorch.compress.prune.importance.taylor_saliency`; a callable of another
+            arity is refused).
         example_inputs: inputs to trace the model on (default: the first calibration batch).
         calibration: model inputs for ``"taylor"`` (a list of tuples or dicts).
+        ignore: the old name of ``exclude``, accepted for one release with a
+            :class:`DeprecationWarning`.
 
     Returns ``(pruned model, Change)``; ``change.details`` lists every group cut (units before
     and after, and ``removed``: the unit indices per group name), the transformers config
@@ -295,23 +297,29 @@ def prune_structured(
     on ``example_inputs``, in training mode; if it no longer runs, the error names the module
     that failed and the groups to leave whole.
     """
-    ratio = _check_ratio("ratio", ratio)
+    ratio = validate.ratio("prune.structured", "ratio", ratio)
     max_ratio = float(max_ratio)
     kinds = _units(units)
     if isinstance(importance, str) and importance not in IMPORTANCES:
         raise LeanError(f"prune.structured: importance must be one of {', '.join(IMPORTANCES)} "
                         f"or a callable, got {importance!r}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
-                                 or round_to < 1):
-        raise LeanError(f"prune.structured: round_to must be a positive integer, got "
-                        f"{describe(round_to)}")
+    if round_to is not None:
+        validate.positive_int("prune.structured", "round_to", round_to)
     per_layer = dict(per_layer or {})
     for pattern, value in per_layer.items():
         if not isinstance(pattern, str):
             raise LeanTypeError(f"prune.structured: per_layer keys must be glob patterns, got "
                                 f"{describe(pattern)}")
-        _check_ratio(f"per_layer[{pattern!r}]", value)
-    ignore_patterns = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        validate.ratio("prune.structured", f"per_layer[{pattern!r}]", value)
+    if ignore is not None:
+        if exclude is not None:
+            raise LeanError(f"prune.structured: got both exclude={describe(exclude)} and its "
+                            f"old name ignore={describe(ignore)}; give exclude= only")
+        warnings.warn("prune.structured: ignore= is now called exclude=; ignore= will be "
+                      "removed in the next release", DeprecationWarning, stacklevel=2)
+        exclude = ignore
+    exclude_patterns = _patterns("exclude", exclude) or []
+    loss_fn = check_loss_fn("prune.structured", loss_fn)
     inputs = example_inputs if example_inputs is not None else \
         (calibration[0] if calibration else None)
     if inputs is None:
@@ -323,7 +331,7 @@ def prune_structured(
     params = {"ratio": ratio, "units": kinds, "importance": importance if isinstance(
         importance, str) else getattr(importance, "__name__", "callable"),
         "global_ranking": global_ranking, "per_layer": per_layer, "round_to": round_to,
-        "ignore": ignore_patterns, "max_ratio": max_ratio}
+        "exclude": exclude_patterns, "max_ratio": max_ratio}
 
     def edit(target: nn.Module, change: Change) -> None:
         graph = build_graph(target, inputs, leaf_modules=leaf_modules)
@@ -339,9 +347,9 @@ def prune_structured(
             if not g.prunable:
                 change.skipped[g.name] = "; ".join(g.reasons)
                 continue
-            module = _ignored(g, ignore_patterns)
+            module = _excluded(g, exclude_patterns)
             if module is not None:
-                change.skipped[g.name] = f"ignored module {module}"
+                change.skipped[g.name] = f"would resize excluded module {module}"
                 continue
             candidates.append(g)
         if ratio == 0 and not any(per_layer.values()):
@@ -381,3 +389,8 @@ def prune_structured(
 
     return apply_transform("prune.structured", model, edit, params=params,
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_structured = structured

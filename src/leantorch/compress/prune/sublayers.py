@@ -15,6 +15,7 @@ parameters) and the norm that only fed it by ``nn.Identity``, so both stop costi
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from leantorch.compress.change import Change, apply_transform, replace_module
+from leantorch import validate
+from leantorch.compress.change import Change, _patterns, apply_transform, replace_module
 from leantorch.compress.graph import Sublayer, build_graph, default_inputs
 from leantorch.compress.registry import register_transform
 from leantorch.compress.verify import primary_output
@@ -143,14 +145,15 @@ def _return_structure(model: nn.Module, path: str, batch: Any) -> tuple[str, int
 
 
 @register_transform("prune.sublayers")
-def prune_sublayers(
+def sublayers(
     model: nn.Module,
     *,
     count: int | None = None,
     ratio: float | None = None,
     kinds: str | Sequence[str] = ("attention", "mlp", "block"),
     metric: str = "cosine",
-    include: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     leaf_modules: Sequence[str] | None = None,
     example_inputs: Any = None,
     calibration: Sequence[Any] | None = None,
@@ -160,15 +163,16 @@ def prune_sublayers(
     whose removal changes the calibration outputs least (FinerCut).
 
     ``kinds``: "attention", "mlp", "block" (a convolutional residual block with an identity
-    shortcut). ``include``: restrict candidates to these module
-    paths. ``change.details["order"]`` lists the removals with the output distance after each.
+    shortcut). ``include`` / ``exclude``: ``fnmatch`` globs over the sublayers' module paths
+    (as every transform's), keeping the candidates that match an ``include`` pattern (all
+    when None) and no ``exclude`` pattern. ``change.details["order"]`` lists the removals with the output distance after each.
     """
     if (count is None) == (ratio is None):
         raise LeanError("prune.sublayers: give exactly one of count or ratio")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise LeanError(f"prune.sublayers: count must be an integer >= 0, got {describe(count)}")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 <= ratio < 1):
-        raise LeanError(f"prune.sublayers: ratio must be in [0, 1), got {describe(ratio)}")
+    if count is not None:
+        validate.positive_int("prune.sublayers", "count", count, minimum=0)
+    if ratio is not None:
+        validate.ratio("prune.sublayers", "ratio", ratio)
     wanted = [kinds] if isinstance(kinds, str) else list(kinds)
     if not wanted or any(k not in ("attention", "mlp", "block") for k in wanted):
         raise LeanError(f"prune.sublayers: kinds must be among attention, mlp, block, got "
@@ -180,12 +184,19 @@ def prune_sublayers(
         raise LeanError("prune.sublayers needs calibration data: a list of model inputs "
                         "(each a tuple of positional inputs or a dict of keyword inputs)")
     inputs = example_inputs if example_inputs is not None else calibration[0]
-    params = {"count": count, "ratio": ratio, "kinds": wanted, "metric": metric}
+    includes, excludes = _patterns("include", include), _patterns("exclude", exclude) or []
+    params = {"count": count, "ratio": ratio, "kinds": wanted, "metric": metric,
+              "include": includes, "exclude": excludes}
+
+    def chosen(path: str) -> bool:
+        if includes is not None and not any(fnmatch.fnmatchcase(path, p) for p in includes):
+            return False
+        return not any(fnmatch.fnmatchcase(path, p) for p in excludes)
 
     def edit(target: nn.Module, change: Change) -> None:
         graph = build_graph(target, inputs, leaf_modules=leaf_modules)
-        found: list[Sublayer] = [s for s in graph.sublayers() if s.kind in wanted and
-                                 (include is None or s.path in include)]
+        found: list[Sublayer] = [s for s in graph.sublayers()
+                                 if s.kind in wanted and chosen(s.path)]
         budget = count if count is not None else math.floor(ratio * len(found) + 1e-9)
         if budget > len(found):
             raise LeanError(f"prune.sublayers: count={budget} but only {len(found)} removable "
@@ -214,3 +225,8 @@ def prune_sublayers(
 
     return apply_transform("prune.sublayers", model, edit, params=params,
                            example_inputs=example_inputs, inplace=inplace)
+
+
+# the family-prefixed public name (registry names are <family>.<function name>; see
+# leantorch.compress.registry)
+prune_sublayers = sublayers

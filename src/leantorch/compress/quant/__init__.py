@@ -1,5 +1,5 @@
 """Quantization transforms (``quant.int8_dynamic``, ``quant.int8_weight``, ``quant.int4_weight``,
-``quant.llm_int8``, ``quant.fake``, ``quant.convert``) and the modules they leave in a model.
+``quant.llm_int8``, ``quant.fake_quantize``, ``quant.convert``) and the modules they leave in a model.
 Importing this package registers the transforms and the module classes."""
 
 from leantorch.compress.quant.modules import (

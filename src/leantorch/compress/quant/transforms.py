@@ -1,6 +1,6 @@
 """Quantization transforms, registered by name for recipes:
 
-=====================  ==================================================================
+======================= ================================================================
 ``quant.int8_dynamic``  Linear -> :class:`Int8DynamicLinear` (int8 weights per channel, int8
                         activations per token, int32 accumulation)
 ``quant.int8_weight``   Linear -> :class:`WeightOnlyLinear` (8-bit, ``group_size``, symmetric
@@ -9,10 +9,10 @@
                         asymmetric by default)
 ``quant.llm_int8``      Linear -> :class:`LLMInt8Linear` (outlier features above
                         ``threshold`` in float)
-``quant.fake``          Linear -> :class:`FakeQuantLinear` (QAT: ``scheme`` int8_dynamic,
+``quant.fake_quantize`` Linear -> :class:`FakeQuantLinear` (QAT: ``scheme`` int8_dynamic,
                         int8_weight, int4_weight or ternary)
 ``quant.convert``       FakeQuantLinear -> the real module of its scheme
-=====================  ==================================================================
+======================= ================================================================
 
 Every transform copies the model unless ``inplace=True``, selects layers with ``include`` /
 ``exclude`` globs over module paths, and reports in ``Change.skipped`` the selected layers it
@@ -333,7 +333,7 @@ def llm_int8(
     return new, change
 
 
-@register_transform("quant.fake")
+@register_transform("quant.fake_quantize")
 def fake_quantize(
     model: nn.Module,
     *,
@@ -374,7 +374,7 @@ def fake_quantize(
     bits = 4 if scheme == "int4_weight" else 8
     problem = _group_problem(bits, group_size) if scheme != "ternary" else None
     return _quantize_linears(
-        "quant.fake", model,
+        "quant.fake_quantize", model,
         lambda linear: FakeQuantLinear.from_linear(linear, scheme, group_size, symmetric,
                                                    activation_bits),
         params={"scheme": scheme, "group_size": group_size, "symmetric": symmetric,
@@ -398,7 +398,7 @@ def convert(
     bit-identical outputs; schemes with int8 activations differ only by float rounding (the
     real module accumulates in int32)."""
     if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
-        raise LeanError("quant.convert: the model has no FakeQuantLinear layer; run quant.fake "
+        raise LeanError("quant.convert: the model has no FakeQuantLinear layer; run quant.fake_quantize "
                         "(and fine-tune) first, or use quant.int8_dynamic / quant.int8_weight / "
                         "quant.int4_weight directly")
 
