@@ -323,6 +323,8 @@ def _models() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``leantorch`` command with ``argv`` (default ``sys.argv[1:]``) and return its
+    exit status: 0 done, 1 a verification gate failed, 2 bad input, 130 interrupted."""
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
