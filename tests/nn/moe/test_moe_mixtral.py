@@ -9,10 +9,12 @@ import torch
 import leantorch
 from leantorch.errors import LeanError
 from leantorch.nn.moe import MoE, convert_mixtral, from_mixtral, to_mixtral
+from tests._optional import needs_transformers, optional_import, transformers
 
-T = pytest.importorskip("transformers")
-mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
-T.utils.logging.set_verbosity_error()
+pytestmark = needs_transformers
+
+T = transformers
+mixtral = optional_import("transformers.models.mixtral.modeling_mixtral")
 
 D, FF, E, K = 32, 48, 4, 2
 
