@@ -5,7 +5,7 @@ The sub-packages load on first use, so ``import leantorch`` costs little and sti
 ``leantorch.nn.Attention``, ``leantorch.ops.attention``, ``leantorch.models.load_model``...
 """
 
-from leantorch._lazy import lazy_submodules
+from leantorch._lazy import lazy_submodules as _lazy_submodules
 from leantorch.errors import LeanError, LeanTypeError, UnknownModelError
 from leantorch.serialize import load, save
 
@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 __all__ = ["LeanError", "LeanTypeError", "UnknownModelError", "__version__", "load", "save"]
 
 # imported on first attribute access (PEP 562); see leantorch/_lazy.py
-SUBMODULES = ("compress", "data", "distributed", "errors", "inputs", "io", "measure", "models",
+_SUBMODULES = ("compress", "data", "distributed", "errors", "inputs", "io", "measure", "models",
               "nn", "ops", "serialize", "validate")
-__getattr__, __dir__ = lazy_submodules(__name__, SUBMODULES, globals())
+__getattr__, __dir__ = _lazy_submodules(__name__, _SUBMODULES, globals())

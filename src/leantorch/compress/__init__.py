@@ -6,7 +6,7 @@ The transform families load on first use: ``leantorch.compress.quant``, ``.prune
 transform with its knobs.
 """
 
-from leantorch._lazy import lazy_submodules
+from leantorch._lazy import lazy_submodules as _lazy_submodules
 from leantorch.compress.catalog import Knob, TransformInfo, transforms
 from leantorch.compress.change import (
     Change,
@@ -32,6 +32,6 @@ __all__ = [
 ]
 
 # imported on first attribute access (PEP 562), so importing compress stays cheap
-SUBMODULES = ("catalog", "finetune", "graph", "lowrank", "moefy", "progress", "prune", "quant",
+_SUBMODULES = ("catalog", "finetune", "graph", "lowrank", "moefy", "progress", "prune", "quant",
               "recipe", "registry", "verify")
-__getattr__, __dir__ = lazy_submodules(__name__, SUBMODULES, globals())
+__getattr__, __dir__ = _lazy_submodules(__name__, _SUBMODULES, globals())
