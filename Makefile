@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.leantorch-installed
+ORACLE_STAMP := $(VENV)/.leantorch-oracle-installed
 
 .PHONY: demo test test-slow lint bench clean
 
@@ -22,8 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+# the slow tests also compare against independent oracles (the "oracle" extra: fla on the CPU);
+# LEANTORCH_REQUIRE_ORACLE=1 makes a missing oracle a failure instead of a skip
+$(ORACLE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[oracle]"
+	touch $(ORACLE_STAMP)
+
+test-slow: $(ORACLE_STAMP)
+	LEANTORCH_REQUIRE_ORACLE=1 $(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -210,3 +210,38 @@ def test_compress_bad_input(argv, fragment, capsys) -> None:
 def test_recipes_lists_the_shipped_ones(capsys) -> None:
     assert main(["recipes"]) == 0
     assert "lowrank-50:" in capsys.readouterr().out
+
+
+def test_transforms_lists_every_registered_transform_with_its_knobs(capsys) -> None:
+    from leantorch.compress.registry import transform_names
+
+    assert main(["transforms"]) == 0
+    out = capsys.readouterr().out
+    headers = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
+    assert headers == transform_names()
+    # a knob line: name, annotation, default, and the doc from the docstring
+    assert "group_size: int | None = None  input features per scale" in out
+    assert "quant.llm_int8 [reads calibration]" in out
+    assert "inplace:" not in out and "example_inputs:" not in out
+
+
+def test_transforms_json_filters_by_name_and_family(capsys) -> None:
+    from leantorch.compress.registry import transform_names
+
+    first_prune = next(n for n in transform_names() if n.startswith("prune."))
+    assert main(["transforms", "--json", "quant", first_prune]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = [d["name"] for d in data]
+    assert names == sorted([first_prune] + [n for n in transform_names()
+                                            if n.startswith("quant.")])
+    assert len(names) > 2
+    int4 = next(d for d in data if d["name"] == "quant.int4_weight")
+    assert {k["name"]: k["default"] for k in int4["knobs"]}["group_size"] == 128
+
+
+def test_transforms_unknown_name_is_one_line_on_stderr(capsys) -> None:
+    assert main(["transforms", "quant.int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leantorch: error: transforms: unknown transform or family "
+                          "'quant.int3'; known: ")
+    assert "quant.int8_dynamic" in err and len(err.strip().splitlines()) == 1

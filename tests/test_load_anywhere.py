@@ -36,9 +36,9 @@ from leantorch.serialize import (
     _STEPS,
     read_header,
 )
+from tests._optional import needs_transformers, transformers
 
-T = pytest.importorskip("transformers")
-T.utils.logging.set_verbosity_error()
+T = transformers
 
 D, FF, VOCAB, HEADS = 16, 32, 40, 2
 
@@ -245,6 +245,7 @@ WITHOUT_MODULES = ["sentence_int8_dynamic", "net_structured", "net_magnitude_mas
                    "net_moefy_upcycle_int8"]
 
 
+@needs_transformers
 def test_every_transform_output_loads_in_a_fresh_process(tmp_path) -> None:
     save_cases(tmp_path, CASES)
     for name in WITHOUT_MODULES:
@@ -264,6 +265,7 @@ def test_every_transform_output_loads_in_a_fresh_process(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@needs_transformers
 def test_transformers_models_load_in_a_fresh_process(tmp_path) -> None:
     save_cases(tmp_path, TRANSFORMERS_CASES)
     report = check_in_fresh_process(tmp_path, list(TRANSFORMERS_CASES))
@@ -447,6 +449,7 @@ def test_load_accepts_a_folder(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("where", ["header", "report.json"])
+@needs_transformers
 def test_a_saved_folder_gets_the_inputs_of_its_builtin_source(tmp_path, where) -> None:
     """The folder names a built-in source (in the file's header, or in report.json as
     ``leantorch compress`` writes it): its inputs come from that built-in, built around the
@@ -469,6 +472,7 @@ def test_a_saved_folder_gets_the_inputs_of_its_builtin_source(tmp_path, where) -
     assert torch.equal(loaded.model(**kwargs).logits, model(**kwargs).logits)
 
 
+@needs_transformers
 def test_a_sentence_encoder_with_minilm_vocabulary_gets_minilm_tokenizer(tmp_path) -> None:
     """A folder whose source is not a built-in (a compress of a compress folder) holding a
     SentenceEncoder over MiniLM's vocabulary tokenizes with MiniLM's tokenizer; another
@@ -498,6 +502,7 @@ def test_a_saved_folder_without_a_known_source_needs_input_shapes(tmp_path) -> N
     assert loaded.example_inputs(batch=3, shapes=["16"])[0][0].shape == (3, 16)
 
 
+@needs_transformers
 def test_a_truncated_transformers_folder_is_one_clean_error(tmp_path, capsys) -> None:
     from leantorch.models import load_model
 
@@ -571,6 +576,7 @@ def test_a_compress_output_folder_loads_and_profiles_in_a_fresh_process(tmp_path
                                             "dtype": "float32"}]
 
 
+@needs_transformers
 def test_compress_takes_its_own_output_folder_as_model(tmp_path, capsys) -> None:
     """A transformers text model, compressed, then compressed again from its folder: the
     folder gives text inputs from the model's config (no --input needed)."""
@@ -599,6 +605,7 @@ def test_compress_takes_its_own_output_folder_as_model(tmp_path, capsys) -> None
 
 
 @pytest.mark.slow
+@needs_transformers
 def test_minilm_int8_loads_in_a_fresh_process_with_its_tokenizer(tmp_path) -> None:
     """The demo's model: the real MiniLM, int8, saved as ``leantorch compress`` saves it."""
     from leantorch.models import load_model

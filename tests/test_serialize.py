@@ -21,6 +21,7 @@ from leantorch.serialize import (
     register_module,
     register_step,
 )
+from tests._optional import needs_transformers, transformers
 
 
 def assert_same_state(a: nn.Module, b: nn.Module) -> None:
@@ -154,15 +155,13 @@ def test_recorded_steps_are_replayed(tmp_path) -> None:
         record_step(model, "tests.nope")
 
 
-transformers = pytest.importorskip("transformers")
-
-
 def tiny_gpt2() -> nn.Module:
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
                                      n_positions=32, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+@needs_transformers
 def test_transformers_model_with_tied_weights(tmp_path) -> None:
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -173,6 +172,7 @@ def test_transformers_model_with_tied_weights(tmp_path) -> None:
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+@needs_transformers
 def test_sentence_encoder_with_a_replaced_layer(tmp_path) -> None:
     from leantorch.models import SentenceEncoder
 

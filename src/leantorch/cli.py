@@ -9,6 +9,7 @@
                              [--latency-runs N] [--json]
     leantorch models
     leantorch recipes
+    leantorch transforms [NAME ...] [--json]
 
 Errors in what the user typed end the command with one line on stderr
 (``leantorch: error: ...``) and exit status 2; everything that can be checked without the model
@@ -86,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the built-in model names")
     sub.add_parser("recipes", help="list the shipped recipes")
+    t = sub.add_parser(
+        "transforms", help="list the registered transforms and their knobs",
+        description="List every registered transform (the names a recipe step uses) with the "
+        "arguments it takes: annotation, default and what each does.")
+    t.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these transforms; a family (quant, prune, ...) selects all of it")
+    t.add_argument("--json", action="store_true", help="print them as JSON")
     return parser
 
 
@@ -255,6 +263,39 @@ def _recipes() -> int:
     return 0
 
 
+def _transforms(args: argparse.Namespace) -> int:
+    import json
+    import textwrap
+
+    from leantorch.compress.catalog import transforms
+
+    infos = transforms()
+    if args.names:
+        known = [info.name for info in infos]
+        for name in args.names:
+            if not any(n == name or n.startswith(f"{name}.") for n in known):
+                families = sorted({n.split(".")[0] for n in known})
+                raise LeanError(f"transforms: unknown transform or family {name!r}; known: "
+                                f"{', '.join(known)} (families: {', '.join(families)})")
+        infos = [info for info in infos if any(
+            info.name == name or info.name.startswith(f"{name}.") for name in args.names)]
+    if args.json:
+        print(json.dumps([info.to_dict() for info in infos], indent=2))
+        return 0
+    for info in infos:
+        flags = " [reads calibration]" if info.uses_calibration else ""
+        print(f"{info.name}{flags}")
+        print(textwrap.indent(textwrap.fill(info.summary, 96), "    "))
+        rows = [(f"{k.name}: {k.annotation or 'any'}"
+                 + (" (required)" if k.required else f" = {k.default!r}"), k.doc)
+                for k in info.knobs]
+        width = max((len(left) for left, _ in rows), default=0)
+        for left, doc in rows:
+            print(f"      {left.ljust(width)}  {doc}".rstrip())
+        print()
+    return 0
+
+
 def _models() -> int:
     from leantorch.models import BUILTINS
 
@@ -267,6 +308,8 @@ def _models() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``leantorch`` command with ``argv`` (default ``sys.argv[1:]``) and return its
+    exit status: 0 done, 1 a verification gate failed, 2 bad input, 130 interrupted."""
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -284,6 +327,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _compress(args)
         if args.command == "recipes":
             return _recipes()
+        if args.command == "transforms":
+            return _transforms(args)
         return _models()
     except LeanError as error:
         print(f"leantorch: error: {error}", file=sys.stderr)

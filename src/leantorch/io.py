@@ -43,6 +43,8 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_write_bytes`): the
+    file is the old one or the complete new one, never half-written. Returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 

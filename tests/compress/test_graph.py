@@ -14,6 +14,7 @@ from torch import nn
 
 from leantorch.compress.graph import DependencyGraph, Group, build_graph
 from leantorch.errors import LeanError
+from tests._optional import needs_transformers, transformers
 
 B, N, D, HEADS, FF, VOCAB = 2, 10, 32, 4, 48, 100
 
@@ -245,8 +246,7 @@ def test_bad_arguments_name_what_is_accepted() -> None:
 
 
 # --------------------------------------------------------------------------- transformers
-T = pytest.importorskip("transformers")
-T.utils.logging.set_verbosity_error()
+T = transformers
 
 
 def text_inputs() -> dict[str, torch.Tensor]:
@@ -307,6 +307,7 @@ def llama_graph() -> DependencyGraph:
     return build_graph(tiny_llama(), text_inputs())
 
 
+@needs_transformers
 def test_bert_groups(bert_graph: DependencyGraph) -> None:
     groups = prunable(bert_graph)
     assert [(g.kind, g.size) for g in groups] == [("heads", 4), ("neurons", 48)] * 2
@@ -329,6 +330,7 @@ def test_bert_groups(bert_graph: DependencyGraph) -> None:
     assert bert_graph.sublayers() == []  # post-norm: no branch is computed by one module
 
 
+@needs_transformers
 def test_gpt2_groups_follow_the_fused_qkv_and_tied_embeddings(gpt2_graph: DependencyGraph
                                                              ) -> None:
     groups = prunable(gpt2_graph)
@@ -356,6 +358,7 @@ def test_gpt2_groups_follow_the_fused_qkv_and_tied_embeddings(gpt2_graph: Depend
     assert gpt2_graph.sublayers()[0].norm == "transformer.h.0.ln_1"
 
 
+@needs_transformers
 def test_llama_grouped_kv_heads_and_gated_mlp(llama_graph: DependencyGraph) -> None:
     groups = prunable(llama_graph)
     assert [(g.kind, g.size) for g in groups] == [("width", D)] + \
@@ -384,6 +387,7 @@ def test_llama_grouped_kv_heads_and_gated_mlp(llama_graph: DependencyGraph) -> N
         (f"{p}.mlp", "mlp", f"{p}.post_attention_layernorm")]
 
 
+@needs_transformers
 def test_vit_groups() -> None:
     graph = build_graph(tiny_vit(), image())
     groups = prunable(graph)
@@ -397,6 +401,7 @@ def test_vit_groups() -> None:
     assert [s.kind for s in graph.sublayers()] == ["attention", "mlp"] * 2
 
 
+@needs_transformers
 def test_resnet_groups_tie_each_stage_and_find_identity_blocks() -> None:
     graph = build_graph(tiny_resnet(), image(32))
     groups = prunable(graph)
@@ -414,6 +419,7 @@ def test_resnet_groups_tie_each_stage_and_find_identity_blocks() -> None:
     assert [(s.path, s.kind) for s in graph.sublayers()] == [(f"{stage}.1.layer", "block")]
 
 
+@needs_transformers
 def test_mixtral_experts_group_router_rows_with_expert_tensors() -> None:
     graph = build_graph(tiny_mixtral(), text_inputs())
     experts = only(prunable(graph, "experts"))
@@ -426,6 +432,7 @@ def test_mixtral_experts_group_router_rows_with_expert_tensors() -> None:
                                 ("model.layers.0.mlp.experts.down_proj", 2): [5]}
 
 
+@needs_transformers
 def test_group_slices_and_keep_indices_agree(llama_graph: DependencyGraph) -> None:
     kv = prunable(llama_graph, "kv_heads")[0]
     slices = {(n, d): i.tolist() for n, d, i in kv.slices([0])}

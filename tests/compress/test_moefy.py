@@ -19,9 +19,9 @@ from leantorch.compress.moefy import (
 from leantorch.compress.registry import get_transform
 from leantorch.errors import LeanError
 from leantorch.nn.moe import FeedForward, MoE
+from tests._optional import needs_transformers, transformers
 
-T = pytest.importorskip("transformers")
-T.utils.logging.set_verbosity_error()
+T = transformers
 
 D, FF, VOCAB = 16, 40, 50
 
@@ -83,6 +83,7 @@ def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- finding
+@needs_transformers
 def test_find_ffns_names_each_kind_by_path() -> None:
     assert [(s.path, s.kind, s.activation) for s in find_ffns(bert(), _ids())] == [
         ("encoder.layer.0.intermediate", "bert", "gelu"),
@@ -228,8 +229,11 @@ def test_without_example_inputs_only_feedforward_modules_are_found() -> None:
 
 
 # --------------------------------------------------------------------------- exact split
-@pytest.mark.parametrize("name,partition", [("bert", "cluster"), ("gpt2", "random"),
-                                            ("llama", "cluster"), ("lean", "contiguous")])
+@pytest.mark.parametrize("name,partition", [
+    pytest.param("bert", "cluster", marks=needs_transformers),
+    pytest.param("gpt2", "random", marks=needs_transformers),
+    pytest.param("llama", "cluster", marks=needs_transformers),
+    ("lean", "contiguous")])
 def test_split_with_every_expert_active_is_the_dense_model(name, partition) -> None:
     model = MODELS[name]()
     split, change = moefy_split(model, num_experts=4, k=4, partition=partition,
@@ -272,6 +276,7 @@ def test_clustering_recovers_neurons_that_fire_together() -> None:
     assert sorted(map(tuple, groups)) == [tuple(range(10 * b, 10 * b + 10)) for b in range(4)]
 
 
+@needs_transformers
 def test_calibrated_router_picks_k_experts_better_than_chance() -> None:
     model = llama()
     _, fitted = moefy_split(model, num_experts=4, k=1, calibration=_calibration())
@@ -287,6 +292,7 @@ def test_calibrated_router_picks_k_experts_better_than_chance() -> None:
     assert "router_recall" not in chance.details["model.layers.0.mlp"]
 
 
+@needs_transformers
 def test_active_params_are_router_plus_k_experts_plus_shared_bias() -> None:
     _, change = moefy_split(bert(), num_experts=4, k=2, partition="random", router="random",
                             example_inputs=_ids())
@@ -298,7 +304,8 @@ def test_active_params_are_router_plus_k_experts_plus_shared_bias() -> None:
 
 # --------------------------------------------------------------------------- upcycling
 @pytest.mark.parametrize("name", [  # each transformers model traces three times: seconds
-    pytest.param(name, marks=() if name == "lean" else pytest.mark.slow) for name in sorted(MODELS)])
+    name if name == "lean" else pytest.param(name, marks=(needs_transformers, pytest.mark.slow))
+    for name in sorted(MODELS)])
 def test_upcycled_model_equals_the_dense_one_for_any_router(name) -> None:
     model = MODELS[name]()
     for k, std in ((1, 0.02), (2, 3.0), (3, 10.0)):
@@ -309,6 +316,7 @@ def test_upcycled_model_equals_the_dense_one_for_any_router(name) -> None:
     assert up.get_submodule(change.replaced[0]).num_experts == 3
 
 
+@needs_transformers
 def test_upcycling_noise_breaks_the_symmetry() -> None:
     model = llama()
     up, _ = moefy_upcycle(model, num_experts=3, k=2, noise=0.05, example_inputs=_ids())
@@ -323,6 +331,7 @@ def test_upcycling_noise_breaks_the_symmetry() -> None:
     ("gpt2", "moefy.upcycle", {"num_experts": 2, "k": 1, "noise": 0.01}),
     ("llama", "moefy.split", {"num_experts": 4, "k": 1, "capacity_factor": 1.0}),
 ])
+@needs_transformers
 def test_registered_transforms_round_trip_save_load_bit_exactly(tmp_path, transform, args,
                                                                name) -> None:
     model = MODELS[name]()
@@ -344,6 +353,7 @@ def test_leantorch_model_round_trips_with_a_skeleton(tmp_path) -> None:
     assert torch.equal(_out(loaded, _ids()), _out(new, _ids()))
 
 
+@needs_transformers
 def test_errors_say_what_to_do() -> None:
     with pytest.raises(LeanError, match="pass calibration="):
         moefy_split(bert(), num_experts=4, k=2)

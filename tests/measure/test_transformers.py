@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests._optional import needs_transformers, transformers
 from tests.conftest import count
 
-T = pytest.importorskip("transformers")
-T.utils.logging.set_verbosity_error()
+pytestmark = needs_transformers
+T = transformers
 
 B, N, D, HEADS, FF, LAYERS, VOCAB = 2, 10, 32, 4, 48, 2, 100
 

@@ -7,6 +7,7 @@ import torch
 
 from leantorch.errors import LeanError, UnknownModelError
 from leantorch.models import BUILTINS, load_model, parse_shape
+from tests._optional import needs_transformers
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -71,9 +72,7 @@ def test_a_folder_without_config_is_refused(tmp_path) -> None:
         load_model(str(tmp_path))
 
 
-pytest.importorskip("transformers")
-
-
+@needs_transformers
 def test_text_and_vision_inputs() -> None:
     text = load_model("llama-tiny")
     _, kwargs = text.example_inputs(batch=2, seq_len=9)
@@ -96,6 +95,7 @@ def test_every_builtin_has_a_description() -> None:
     assert all(description for description, _ in BUILTINS.values())
 
 
+@needs_transformers
 def test_a_local_transformers_folder_loads(tmp_path) -> None:
     import transformers
 

@@ -124,6 +124,18 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, rows: Tensor, counts: Tensor,
                 counts_list: list[int] | None = None) -> Tensor:
+        """Run this rank's rows through the experts wherever they live.
+
+        Args:
+            rows: (S, dim), grouped by global expert id (expert 0's rows first).
+            counts: (num_experts,) integer, rows per global expert; sums to S.
+            counts_list: ``counts`` as Python ints, when the caller already has them (saves
+                a device-to-host copy).
+
+        Returns:
+            (S, dim), each row's expert output in the order of ``rows``. Collective: every
+            rank of the group must call it (with its own rows) the same number of times.
+        """
         world, local_e = self.world_size, self.num_local
         if counts_list is None:
             counts_list = [int(c) for c in counts.tolist()]

@@ -30,6 +30,9 @@ from leantorch.measure.formulas import (
 )
 from leantorch.measure.roofline import DeviceSpec
 
+__all__ = ["ROOT", "CostMode", "LiveMemory", "ModuleTally", "ModuleTracker", "OpTally",
+           "SavedTensors", "Tally", "in_backward", "is_ancestor", "path_depth", "storage_key"]
+
 ROOT = ""  # path of the profiled model itself
 
 
@@ -63,6 +66,7 @@ class Tally:
     roofline_seconds: float = 0.0  # sum over ops of max(compute, memory): a lower bound on time
 
     def add(self, other: Tally) -> None:
+        """Add ``other``'s counts into this tally, field by field."""
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -115,6 +119,7 @@ class ModuleTracker:
                 functools.partial(self._post, path), always_call=True))
 
     def remove(self) -> None:
+        """Remove every hook this tracker put on the model (the model is as before)."""
         for handle in self._handles + self._grad_handles:
             handle.remove()
         self._handles.clear()
@@ -187,10 +192,14 @@ class ModuleTracker:
 
 
 def is_ancestor(parent: str, child: str) -> bool:
+    """Whether module path ``parent`` contains ``child`` (a path is its own ancestor; the
+    model's root path ``""`` is everyone's)."""
     return parent == ROOT or child == parent or child.startswith(parent + ".")
 
 
 def path_depth(path: str) -> int:
+    """Depth in the module tree: 0 for the model itself, 1 for ``"encoder"``, 2 for
+    ``"encoder.layer"``..."""
     return 0 if path == ROOT else path.count(".") + 1
 
 
@@ -213,6 +222,8 @@ class LiveMemory:
         self.closed = False
 
     def track(self, tensors: Iterable[torch.Tensor], where: str) -> None:
+        """Count the storages of ``tensors`` (an op's outputs, run inside module path
+        ``where``) as live until their last tensor dies; update the peak."""
         for t in tensors:
             key = storage_key(t)
             if key is None or key[0] in self.resident:
@@ -238,6 +249,7 @@ class LiveMemory:
             self.live -= self._sizes.pop(ptr)
 
     def close(self) -> None:
+        """Stop following tensors (later deaths no longer change ``live``)."""
         self.closed = True
         self._refs.clear()
 

@@ -99,6 +99,7 @@ class OpCall:
 
     @property
     def name(self) -> str:
+        """The aten op's name, e.g. ``"aten.mm"``."""
         return op_name(self.func)
 
     def _bind(self) -> dict[str, Any]:
@@ -131,6 +132,7 @@ class OpCall:
 
     @property
     def outputs(self) -> list[torch.Tensor]:
+        """Every tensor the op returned, in order (tuples and lists flattened)."""
         flat, _ = tree_flatten(self.out)
         return [t for t in flat if isinstance(t, torch.Tensor)]
 

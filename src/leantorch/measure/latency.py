@@ -41,6 +41,7 @@ class Latency:
     what: str
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -104,6 +105,7 @@ class Spread:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread:
+        """The spread of ``values`` (a non-empty sequence of numbers; order does not matter)."""
         if not values:
             raise LeanError("Spread.of: values must be a non-empty sequence of numbers, got []")
         ordered = sorted(float(v) for v in values)
@@ -114,6 +116,7 @@ class Spread:
         return cls(median, q1, q3, ordered[0], ordered[-1])
 
     def to_dict(self) -> dict[str, float]:
+        """``{"median", "q1", "q3", "min", "max"}`` as a dict."""
         return asdict(self)
 
     def bracket(self, suffix: str = "x", digits: int = 2) -> str:
@@ -139,9 +142,11 @@ class CandidateTiming:
 
     @property
     def median_ms(self) -> float:
+        """The median time over the rounds, in milliseconds."""
         return self.latency.median
 
     def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict: median, latency spread, speedup spread and every sample."""
         return {"median_ms": self.latency.median, "latency_ms": self.latency.to_dict(),
                 "speedup": self.speedup.to_dict(), "samples_ms": list(self.samples_ms)}
 
@@ -165,6 +170,8 @@ class Comparison:
         return self.candidates[name]
 
     def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict: how the rounds ran and each candidate's
+        :meth:`CandidateTiming.to_dict` (the per-round calling orders are left out)."""
         return {"baseline": self.baseline, "rounds": self.rounds, "warmup": self.warmup,
                 "threads": self.threads, "device": self.device, "order": self.order,
                 "candidates": {k: v.to_dict() for k, v in self.candidates.items()}}

@@ -99,6 +99,8 @@ def _inputs(report: CostReport) -> str:
 
 
 def render_text(report: CostReport, depth: int = 2) -> str:
+    """The report as a plain-text table (modules down to ``depth`` levels below the model)
+    followed by the summary lines; what ``str(report)`` prints."""
     header, rows = table_rows(report, depth)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     def line(cells: list[str]) -> str:

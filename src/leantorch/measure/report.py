@@ -48,6 +48,7 @@ class PhaseCost:
 
     @property
     def matmul_flops(self) -> int:
+        """FLOPs of matmul-class ops: 2 per MAC."""
         return 2 * self.macs
 
     @property
@@ -57,6 +58,7 @@ class PhaseCost:
 
     @property
     def bytes(self) -> int:
+        """Bytes read plus bytes written."""
         return self.bytes_read + self.bytes_written
 
     @property
@@ -72,10 +74,13 @@ class PhaseCost:
         return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
 
     def add(self, other: PhaseCost) -> None:
+        """Add ``other``'s counts into this one, field by field."""
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields and the derived values (matmul/other FLOPs,
+        intensity, bound)."""
         return {
             "flops": self.flops,
             "macs": self.macs,
@@ -105,6 +110,7 @@ class ParamCount:
     buffer_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return dict(self.__dict__)
 
 
@@ -127,6 +133,7 @@ class MemoryCost:
     device_peak_bytes: int | None = None  # the CUDA caching allocator's peak, when on CUDA
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return dict(self.__dict__)
 
 
@@ -146,9 +153,11 @@ class ModuleCost:
 
     @property
     def name(self) -> str:
+        """The path, or ``"(model)"`` for the model itself, for display."""
         return self.path or "(model)"
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (parameters flattened to counts and bytes)."""
         return {
             "path": self.path,
             "type": self.type,
@@ -191,10 +200,12 @@ class CostReport:
 
     @property
     def macs(self) -> int:
+        """Forward multiply-accumulates of matmul-class ops (not FLOPs)."""
         return self.forward.macs
 
     @property
     def backward_flops(self) -> int | None:
+        """Backward FLOPs, or None when the backward pass was not profiled."""
         return None if self.backward is None else self.backward.flops
 
     def module(self, path: str) -> ModuleCost:
@@ -207,6 +218,8 @@ class CostReport:
 
     # ---- machine form
     def to_dict(self) -> dict[str, Any]:
+        """The whole report as a JSON-ready dict (``schema``/``schema_version`` first), the
+        form ``profile --json`` prints."""
         return {
             "schema": "leantorch.cost_report",
             "schema_version": SCHEMA_VERSION,

@@ -64,6 +64,7 @@ class DeviceSpec:
         return self.peak(dtype) / self.bandwidth
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 

@@ -34,10 +34,14 @@ class SentenceEncoder(nn.Module):
         self.encoder = encoder
 
     def spec(self) -> dict[str, Any]:
+        """What :func:`leantorch.save` records to rebuild this module: the wrapped encoder's
+        architecture (its config), not its weights."""
         return {"encoder": architecture(self.encoder)}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SentenceEncoder:
+        """Build an encoder with fresh weights from a :meth:`spec` (``leantorch.load`` then
+        loads the saved tensors into it)."""
         return cls(build(spec["encoder"]))
 
     def forward(
@@ -46,6 +50,17 @@ class SentenceEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Sentence embeddings: the encoder's last hidden states mean-pooled over the real
+        tokens, then L2-normalised.
+
+        Args:
+            input_ids: (batch, seq) token ids.
+            attention_mask: (batch, seq), 1 for a real token, 0 for padding; default all ones.
+            token_type_ids: (batch, seq) segment ids, passed on when given.
+
+        Returns:
+            (batch, hidden) unit-norm embeddings (a row of only padding gives zeros).
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

@@ -26,10 +26,10 @@ from leantorch.compress.quant import (
 )
 from leantorch.compress.registry import get_transform, transform_names
 from leantorch.errors import LeanError
+from tests._optional import needs_transformers, transformers
 from tests.conftest import count
 
-T = pytest.importorskip("transformers")
-T.utils.logging.set_verbosity_error()
+T = transformers
 
 B, N, D, HEADS, FF, LAYERS, VOCAB = 2, 10, 32, 4, 48, 2, 100
 
@@ -77,6 +77,7 @@ def test_every_transform_is_registered() -> None:
 
 
 @pytest.mark.parametrize(("name", "args"), TRANSFORMS, ids=IDS)
+@needs_transformers
 def test_the_callers_model_is_unchanged(name, args) -> None:
     model = bert()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -92,6 +93,7 @@ def test_the_callers_model_is_unchanged(name, args) -> None:
 
 
 @pytest.mark.parametrize(("name", "args"), TRANSFORMS, ids=IDS)
+@needs_transformers
 def test_save_load_round_trips_bit_exactly(name, args, tmp_path) -> None:
     new, _ = get_transform(name)(bert(), **args)
     path = leantorch.save(new, tmp_path / "model.safetensors")
@@ -109,6 +111,7 @@ def test_save_load_round_trips_bit_exactly(name, args, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("name", "args"), TRANSFORMS, ids=IDS)
+@needs_transformers
 def test_profile_counts_every_op_of_the_quantized_model(name, args) -> None:
     new, _ = get_transform(name)(bert(), **args)
     report = count(new, input_kwargs=ids())
@@ -116,6 +119,7 @@ def test_profile_counts_every_op_of_the_quantized_model(name, args) -> None:
 
 
 @pytest.mark.parametrize(("name", "args"), TRANSFORMS[:6], ids=IDS[:6])
+@needs_transformers
 def test_quantized_models_stay_close_to_the_float_model(name, args) -> None:
     model = bert()
     new, _ = get_transform(name)(model, **args)
@@ -136,6 +140,7 @@ def _layer_bytes(linear: nn.Linear, name: str, args: dict) -> int:
 
 
 @pytest.mark.parametrize(("name", "args"), TRANSFORMS[:5], ids=IDS[:5])
+@needs_transformers
 def test_param_bytes_follow_the_dtype(name, args) -> None:
     model = bert()
     _, change = get_transform(name)(model, **args)
@@ -149,6 +154,7 @@ def test_param_bytes_follow_the_dtype(name, args) -> None:
         assert change.details["weight_bytes_before"] == 4 * weights
 
 
+@needs_transformers
 def test_macs_and_params_are_those_of_the_float_model() -> None:
     model = bert()
     _, change = int8_dynamic(model, example_inputs=ids())
@@ -156,6 +162,7 @@ def test_macs_and_params_are_those_of_the_float_model() -> None:
     assert change.after.params == change.before.params  # int8 codes are still parameters
 
 
+@needs_transformers
 def test_include_and_exclude_select_layers() -> None:
     new, change = int8_dynamic(bert(), include="encoder.layer.0.*", exclude="*.output.dense")
     assert change.replaced == ["encoder.layer.0.attention.self.query",
@@ -166,6 +173,7 @@ def test_include_and_exclude_select_layers() -> None:
     assert type(new.pooler.dense) is nn.Linear
 
 
+@needs_transformers
 def test_layers_the_group_size_does_not_divide_are_skipped_with_the_reason() -> None:
     new, change = int4_weight(bert(), group_size=32)  # the FFN's output layer has 48 inputs
     assert set(change.skipped) == {"encoder.layer.0.output.dense", "encoder.layer.1.output.dense"}
@@ -201,6 +209,7 @@ def test_tied_weights_and_linear_subclasses_are_skipped_with_the_reason() -> Non
         assert torch.allclose(new(tokens), model(tokens), atol=0.05)
 
 
+@needs_transformers
 def test_gpt2_conv1d_is_reported_as_skipped() -> None:
     config = T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
     _, change = int8_dynamic(T.GPT2Model(config))
@@ -219,6 +228,7 @@ def test_a_pruning_mask_is_baked_into_the_codes() -> None:
     assert (new[0].weight[:, 1::2] == 0).all()
 
 
+@needs_transformers
 def test_inplace_edits_the_given_model() -> None:
     model = bert()
     same, _ = int8_dynamic(model, inplace=True)
@@ -241,6 +251,7 @@ def test_llm_int8_reports_the_fraction_kept_in_8_bits() -> None:
     assert change.details["int8_fraction"] is None and "int8_fraction_note" in change.details
 
 
+@needs_transformers
 def test_fake_then_convert_gives_the_real_model() -> None:
     model = bert()
     for scheme, expected in (("int8_weight", WeightOnlyLinear), ("int4_weight", WeightOnlyLinear),
@@ -308,6 +319,7 @@ def test_bad_arguments_name_the_argument() -> None:
         new(torch.randn(2, 5))
 
 
+@needs_transformers
 def test_the_integer_matmul_is_named_in_the_change(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="leantorch.quant"):
         _, change = int8_dynamic(bert(), example_inputs=ids())

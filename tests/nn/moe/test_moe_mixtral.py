@@ -10,10 +10,12 @@ import leantorch
 from leantorch.compress.moefy import convert_mixtral
 from leantorch.errors import LeanError
 from leantorch.nn.moe import MoE, from_mixtral, to_mixtral
+from tests._optional import needs_transformers, optional_import, transformers
 
-T = pytest.importorskip("transformers")
-mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
-T.utils.logging.set_verbosity_error()
+pytestmark = needs_transformers
+
+T = transformers
+mixtral = optional_import("transformers.models.mixtral.modeling_mixtral")
 
 D, FF, E, K = 32, 48, 4, 2
 

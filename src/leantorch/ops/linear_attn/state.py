@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+__all__ = ["LinearAttentionState"]
+
 
 class LinearAttentionState(NamedTuple):
     """What linear attention remembers of the keys and values seen so far.
