@@ -502,6 +502,7 @@ def autocast(
     *,
     dtype: str = "bfloat16",
     device_type: str | None = None,
+    attention: str = "sdpa",
     inplace: bool = False,
     example_inputs: Any = None,
 ) -> tuple[nn.Module, Change]:
@@ -510,11 +511,13 @@ def autocast(
     reductions and norms in float32). Outputs are cast to float32.
 
     dtype: "bfloat16" (default) or "float16"; device_type: "cpu", "cuda"... (default: the
-    device of the model's first parameter)."""
+    device of the model's first parameter); attention: as in :func:`bf16` (under autocast an
+    eager attention's ``q k^T`` is a bf16 matmul too)."""
     name = "quant.autocast"
     if not isinstance(model, nn.Module):
         raise LeanTypeError(f"{name}: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
+    one_of(name, "attention", attention, _ATTENTION)
     low = _check_dtype(name, dtype)
     if device_type is None:
         first = next(iter(model.parameters()), None)
@@ -534,6 +537,7 @@ def autocast(
         record_step(target, "quant.autocast", device_type=device_type, dtype=dtype_name)
         _replay_autocast(target, device_type, dtype_name)
         change.replaced.append("(model)")
+        change.details["attention"] = _attention_paths(target, attention)
         change.details.update({
             "dtype": dtype_name, "device_type": device_type,
             "weights": "float32 (cast per op by torch.autocast)",
@@ -541,5 +545,6 @@ def autocast(
         })
 
     return apply_transform(name, model, edit,
-                           params={"dtype": dtype_name, "device_type": device_type},
+                           params={"dtype": dtype_name, "device_type": device_type,
+                                   "attention": attention},
                            example_inputs=example_inputs, inplace=inplace)
