@@ -257,3 +257,16 @@ def test_matrix_peaks_is_data_about_what_ran() -> None:
 def test_matrix_peaks_rejects_bad_arguments(kwargs, fragment) -> None:
     with pytest.raises(LeanError, match=fragment):
         hardware.matrix_peaks(**kwargs)
+
+
+def test_cli_profile_hardware_prints_paths_and_peaks(capsys) -> None:
+    from leantorch.cli import main
+
+    assert main(["profile", "--hardware", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["machine"]["kernel_paths"] == hardware.kernel_paths()
+    assert list(data["matrix_peaks"]["peaks"]) == ["float32", "bfloat16", "float16", "int8"]
+    assert main(["profile", "--hardware", "minilm"]) == 2
+    assert "--hardware describes this machine and takes no MODEL" in capsys.readouterr().err
+    assert main(["profile"]) == 2
+    assert "profile needs a MODEL" in capsys.readouterr().err
