@@ -491,3 +491,21 @@ def test_cli_compresses_with_the_bf16_recipe_and_the_folder_loads(tmp_path, caps
     assert model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert model(input_ids=torch.randint(0, 200, (2, 8)))[0].dtype == torch.float32
+
+
+@pytest.mark.slow  # ~15 s: a 200-step fine-tune between the prune and the cast
+def test_prune_bf16_recipe_runs_and_its_model_round_trips(tmp_path) -> None:
+    from leantorch.compress.recipe import run_recipe
+
+    data = [batch(seed, rows=8) for seed in range(6)]
+    result = run_recipe("prune-bf16", tiny_bert(), calibration=data[:4], evaluation=data[4:],
+                        example_inputs=data[4], latency_runs=0)
+    assert [s.label for s in result.stages] == ["original", "prune.structured",
+                                                "+ fine-tune (200 steps)", "quant.bf16"]
+    assert result.passed and precision(result.model)["dtype"] == "bfloat16"
+    original, pruned, tuned, cast = result.stages
+    assert pruned.params < original.params  # the prune removed units
+    assert cast.params == tuned.params and cast.param_bytes < 0.6 * tuned.param_bytes
+    back = leantorch.load(leantorch.save(result.model, tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(back(**data[4]), result.model(**data[4]))
