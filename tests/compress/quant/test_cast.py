@@ -509,3 +509,43 @@ def test_prune_bf16_recipe_runs_and_its_model_round_trips(tmp_path) -> None:
     back = leantorch.load(leantorch.save(result.model, tmp_path / "m.safetensors"))
     with torch.no_grad():
         assert torch.equal(back(**data[4]), result.model(**data[4]))
+
+
+def test_a_tied_island_takes_its_subtree_along(tmp_path) -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+            self.norm = nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.norm(self.proj(x)) + self.tied[:1]
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.block = Block()
+            self.block.tied = self.embed.weight  # the block owns the tied weight itself
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.block(self.embed(ids)))
+
+    model = Toy()
+    new, change = bf16(model, exclude="head")
+    tied = "shares a tensor (tied weights) with a module kept in float32"
+    # no island inside the block's island, no cast layer inside it
+    assert change.details["float32"] == {"block": tied, "embed": tied, "head": (
+        "not selected by include/exclude: kept in float32")}
+    assert change.replaced == [] and all(p.dtype == torch.float32 for p in new.parameters())
+    assert isinstance(new.block.module.norm, nn.LayerNorm)
+    ids = torch.randint(0, 50, (2, 3))
+    with torch.no_grad():
+        # float32 inside each island; only the hand-overs between islands are rounded
+        assert F.cosine_similarity(new(ids), model(ids), dim=-1).min() > 0.999
+    assert set(new.state_dict()) == {"embed.module.weight", "block.module.proj.weight",
+                                     "block.module.proj.bias", "block.module.norm.weight",
+                                     "block.module.norm.bias", "block.module.tied",
+                                     "head.module.weight"}

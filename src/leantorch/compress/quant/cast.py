@@ -336,7 +336,9 @@ def _plan(model: nn.Module, island_patterns: list[str], includes: list[str] | No
             visit(child, f"{path}.{name}" if path else name)
 
     visit(model, "")
-    # a tensor shared with a float32 module (tied weights) stays float32 for every owner
+    # A tensor shared with a float32 module (tied weights) stays float32 for every owner; a
+    # module turned into an island that way takes its whole subtree along (an island inside
+    # an island, or a cast layer inside one, would hand the wrong dtype across).
     while True:
         kept = {id(t) for p in islands for m in model.get_submodule(p).modules()
                 for _, t, _ in _own_tensors(m)}
@@ -349,8 +351,11 @@ def _plan(model: nn.Module, island_patterns: list[str], includes: list[str] | No
                             f"kept in float32 ({', '.join(sorted(islands))}); keep fewer "
                             "layers in float32")
         for p in tied:
-            cast.remove(p)
             islands[p] = "shares a tensor (tied weights) with a module kept in float32"
+        islands = {p: why for p, why in islands.items()
+                   if not any(p.startswith(f"{q}.") for q in islands)}
+        cast = [p for p in cast if p not in islands and
+                not any(p.startswith(f"{q}.") for q in islands)]
     return islands, cast
 
 
