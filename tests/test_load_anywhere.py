@@ -200,6 +200,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Steps]] = {
         ("quant.int8_dynamic", {}))),
     "llama_sublayers": (llama, ids, (("prune.sublayers", {"count": 1}),)),
     "mixtral_convert": (mixtral, ids, (("moefy.convert_mixtral", {}),)),
+    "sentence_bf16": (sentence_encoder, ids, (("quant.bf16", {}),)),
+    "net_masks_fp16": (net, vector, (("prune.magnitude", {"ratio": 0.5}), ("quant.fp16", {}))),
+    "sentence_autocast": (sentence_encoder, ids, (("quant.autocast", {}),)),
 }
 
 # The same transforms on transformers models (their own layer types: GPT-2's Conv1D, BERT's
@@ -242,7 +245,7 @@ def test_every_registered_transform_has_a_case() -> None:
 # Cases also saved as a leantorch that did not record defining modules wrote them: they load
 # through the table of leantorch's own names.
 WITHOUT_MODULES = ["sentence_int8_dynamic", "net_structured", "net_magnitude_masks",
-                   "net_moefy_upcycle_int8"]
+                   "net_moefy_upcycle_int8", "sentence_bf16"]
 
 
 @needs_transformers

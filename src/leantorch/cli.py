@@ -4,6 +4,7 @@
                             [--backward] [--train] [--runs N] [--warmup N] [--threads T]
                             [--device cpu|cuda] [--device-spec auto|measure|none|NAME]
                             [--no-latency]
+    leantorch profile --hardware [--threads T] [--json]
     leantorch compress MODEL --recipe RECIPE [--data FILE] [--out DIR] [--overwrite]
                              [--seq-len N] [--input SHAPE ...] [--threads T]
                              [--latency-runs N] [--json]
@@ -38,8 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         "profile", help="what a model costs: FLOPs, MACs, params, bytes, memory, latency",
         description="Count what a model costs per module. MODEL is a built-in name (see "
         "'leantorch models'), a local transformers model folder, a folder written by "
-        "'leantorch compress', or path/to/file.py:factory.")
-    p.add_argument("model", metavar="MODEL")
+        "'leantorch compress', or path/to/file.py:factory. With --hardware (and no MODEL): "
+        "this machine's CPU, matrix features, matmul kernel paths and measured peaks.")
+    p.add_argument("model", metavar="MODEL", nargs="?")
+    p.add_argument("--hardware", action="store_true",
+                   help="instead of a model: the CPU, its matrix features (VNNI, AVX512-BF16, "
+                   "AMX), which kernel fp32/bf16/fp16/int8 matmuls take, and their measured "
+                   "throughput (about a second)")
     p.add_argument("--input", action="append", metavar="SHAPE", dest="shapes",
                    help="an input's shape without the batch dimension, e.g. 3x224x224 or "
                    "128:int64; repeat for several inputs")
@@ -97,10 +103,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hardware(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from leantorch.measure.hardware import machine_info, machine_summary, matrix_peaks
+
+    if args.model is not None:
+        raise LeanError(f"--hardware describes this machine and takes no MODEL, got "
+                        f"{args.model!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LeanError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    peaks = matrix_peaks(("float32", "bfloat16", "float16", "int8"), size=1024, seconds=1.0)
+    if args.json:
+        print(json.dumps({"machine": info, "matrix_peaks": peaks}, indent=2))
+        return 0
+    print(machine_summary(info))
+    onednn = info["kernel_paths"]["onednn"]
+    print(f"oneDNN {onednn['version'] or '(version not reported)'}: "
+          f"{onednn['isa'] or 'ISA not reported'}" if onednn["available"] else
+          "oneDNN: not built into this torch")
+    print(f"{'dtype':<9} {'library':<8} {'unit':<13} {'implementation':<36} "
+          f"{'GFLOP/s':>9} {'vs fp32':>8}")
+    for dtype, peak in peaks["peaks"].items():
+        path = info["kernel_paths"][dtype]
+        ratio = peak["speedup_vs_float32"]
+        print(f"{dtype:<9} {path['library']:<8} {path['unit'] or '?':<13} "
+              f"{path['implementation'] or '-':<36} {peak['ops_per_second'] / 1e9:>9.1f} "
+              f"{'-' if ratio is None else f'{ratio:.2f}x':>8}")
+    print(f"{peaks['size']}^3 matmuls (int8: torch._int_mm, GOP/s), {peaks['rounds']} "
+          f"interleaved rounds, {peaks['threads']} thread(s)")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from leantorch.measure import profile
+
+    if args.hardware:
+        return _hardware(args)
+    if args.model is None:
+        raise LeanError("profile needs a MODEL (see 'leantorch models'), or --hardware to "
+                        "describe this machine")
     from leantorch.measure.roofline import DATASHEETS
     from leantorch.models import load_model
     from leantorch.models.registry import parse_shape

@@ -72,6 +72,7 @@ _HEADER_KEYS: dict[str, type] = {"base": dict, "steps": list, "overrides": dict,
 _KNOWN_MODULES: dict[str, str] = {
     "leantorch.FakeQuantLinear": "leantorch.compress.quant.modules",
     "leantorch.FeedForward": "leantorch.nn.moe.experts",
+    "leantorch.Float32Island": "leantorch.compress.quant.cast",
     "leantorch.Int8DynamicLinear": "leantorch.compress.quant.modules",
     "leantorch.LLMInt8Linear": "leantorch.compress.quant.modules",
     "leantorch.LowRankLinear": "leantorch.compress.lowrank",
@@ -87,6 +88,8 @@ _KNOWN_MODULES: dict[str, str] = {
 }
 _KNOWN_STEP_MODULES: dict[str, str] = {
     "prune.resize": "leantorch.compress.prune.layers",
+    "quant.autocast": "leantorch.compress.quant.cast",
+    "quant.cast": "leantorch.compress.quant.cast",
 }
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from leantorch.errors import LeanError
 from leantorch.measure import hardware, machine_info, machine_summary
 from leantorch.measure.hardware import X86_FEATURES, parse_cpuinfo
 
@@ -126,3 +127,146 @@ def test_without_proc_cpuinfo_the_block_degrades(monkeypatch) -> None:
 @pytest.mark.skipif(not hardware.sys.platform.startswith("linux"), reason="reads /proc")
 def test_on_linux_the_block_is_read_from_proc() -> None:
     assert hardware.cpu_info()["source"] == "/proc/cpuinfo"
+
+
+# --------------------------------------------------------------------------- kernel paths
+# oneDNN 3.12's verbose lines as torch 2.13 prints them on a Sapphire Rapids-class CPU
+SPR_VERBOSE = {
+    "float32": "",  # MKL's sgemm: no oneDNN primitive
+    "bfloat16": (
+        "onednn_verbose,v1,info,oneDNN v3.12.0 (commit 80afa71049cd69a3df32adcccb623b12cd7baa22)\n"
+        "onednn_verbose,v1,info,cpu,runtime:OpenMP,nthr:1\n"
+        "onednn_verbose,v1,info,cpu,isa:Intel AVX10.1 and Intel AMX with bfloat16 and 8-bit "
+        "integer support\n"
+        "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx10_1_512_amx,undef,"
+        "src:bf16::blocked:ab::f0 wei:bf16::blocked:ab::f0 dst:bf16::blocked:ab::f0,"
+        "attr-scratchpad:user,,32x32:32x32,0.11\n"),
+    "float16": ("onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx10_1_512,undef,"
+                "src:f16::blocked:ab::f0,,,32x32:32x32,0.04\n"),
+    "int8": ("onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_s8::blocked:ab:f0 "
+             "wei_s8::blocked:ab:f0 dst_s32::blocked:ab:f0,,,32x32:32x32,46.2\n"),
+}
+# what an AVX512-BF16 CPU without AMX (Zen 4, Cooper Lake) reports
+ZEN4_VERBOSE = {
+    "float32": "",
+    "bfloat16": (
+        "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with Intel DL Boost and bfloat16 "
+        "support\n"
+        "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_bf16,undef,...\n"),
+    "float16": "onednn_verbose,v1,primitive,exec,cpu,matmul,ref:any,undef,...\n",
+    "int8": "onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,...\n",
+}
+
+
+def test_paths_on_a_cpu_with_amx() -> None:
+    features = parse_cpuinfo(cpuinfo("GenuineIntel", "Xeon", SPR_FLAGS, [(0, 0)]))["features"]
+    paths = hardware.describe_kernel_paths({**features, "avx512_fp16": True}, "AVX512", True,
+                                           SPR_VERBOSE, "MKL")
+    assert paths["onednn"] == {"available": True, "version": "3.12.0", "isa": (
+        "Intel AVX10.1 and Intel AMX with bfloat16 and 8-bit integer support")}
+    assert paths["float32"] == {"library": "MKL", "implementation": None, "unit": "AVX-512",
+                                "source": "onednn verbose (no oneDNN primitive ran)"}
+    assert paths["bfloat16"] == {"library": "oneDNN",
+                                 "implementation": "matmul:brg_matmul:avx10_1_512_amx",
+                                 "unit": "AMX", "source": "onednn verbose"}
+    assert paths["float16"]["unit"] == "AVX512-FP16"
+    assert paths["float16"]["source"] == "onednn verbose + cpu flags"
+    # the int8 GEMM API names no ISA: VNNI from the flags, never AMX
+    assert paths["int8"] == {"library": "oneDNN", "implementation": "gemm_api",
+                             "unit": "AVX-512 VNNI", "source": "onednn verbose + cpu flags"}
+
+
+def test_paths_on_a_cpu_without_amx() -> None:
+    features = parse_cpuinfo(cpuinfo("AuthenticAMD", "EPYC", ZEN4_FLAGS, [(0, 0)]))["features"]
+    paths = hardware.describe_kernel_paths(features, "AVX512", True, ZEN4_VERBOSE, "MKL")
+    assert paths["onednn"]["isa"] == "Intel AVX-512 with Intel DL Boost and bfloat16 support"
+    assert paths["onednn"]["version"] is None  # the header was not in the captured text
+    assert paths["bfloat16"]["implementation"] == "matmul:brg_matmul:avx512_core_bf16"
+    assert paths["bfloat16"]["unit"] == "AVX512-BF16"
+    assert paths["float16"]["implementation"] == "matmul:ref:any"  # a reference kernel
+    assert paths["int8"]["unit"] == "AVX-512 VNNI"
+    assert all(paths[d]["unit"] != "AMX" for d in hardware.PROBED_DTYPES)
+
+
+def test_paths_without_verbose_output_come_from_the_flags() -> None:
+    avx2_vnni = {name: name in ("avx2", "avx_vnni") for name in X86_FEATURES}
+    paths = hardware.describe_kernel_paths(avx2_vnni, "AVX2", True, None, "OpenBLAS")
+    assert paths["onednn"] == {"available": True, "version": None, "isa": None}
+    assert paths["float32"] == {"library": "OpenBLAS", "implementation": None, "unit": "AVX2",
+                                "source": "cpu flags"}
+    assert paths["int8"]["unit"] == "AVX-VNNI" and paths["bfloat16"]["unit"] == "AVX2"
+    bare = hardware.describe_kernel_paths(None, None, False, None, None)
+    assert {bare[d]["unit"] for d in hardware.PROBED_DTYPES} == {"none"}
+    assert bare["bfloat16"]["library"] == "BLAS"
+
+
+def test_this_machines_paths_agree_with_its_flags() -> None:
+    paths = hardware.kernel_paths()
+    features = hardware.cpu_info()["features"] or {}
+    assert machine_info()["kernel_paths"] == paths  # every report carries them
+    assert paths["onednn"]["available"] == torch.backends.mkldnn.is_available()
+    for dtype in hardware.PROBED_DTYPES:
+        entry = paths[dtype]
+        assert set(entry) >= {"library", "implementation", "unit", "source"}
+        if entry["unit"] == "AMX":  # read from oneDNN, and the CPU says it has the tiles
+            assert "amx" in entry["implementation"] and features.get("amx_tile")
+    isa = paths["onednn"]["isa"]
+    if isa is not None:
+        assert ("AMX" in isa) == bool(features.get("amx_tile"))
+        if "AMX" in isa and "bfloat16" in isa:  # oneDNN picks AMX for a bf16 matmul
+            assert paths["bfloat16"]["unit"] == "AMX"
+    if features.get("avx512_vnni"):
+        assert paths["int8"]["unit"] == "AVX-512 VNNI"
+
+
+def test_stdout_capture_takes_c_level_writes_and_restores(capfd) -> None:
+    import os
+
+    with hardware._stdout_captured() as read:
+        os.write(1, b"onednn_verbose,from C\n")
+    assert read() == "onednn_verbose,from C\n"
+    print("after")
+    assert capfd.readouterr().out == "after\n"
+
+
+# --------------------------------------------------------------------------- peaks
+def test_matrix_peaks_is_data_about_what_ran() -> None:
+    result = hardware.matrix_peaks(("float32", "bfloat16", "int8"), size=64, seconds=0.05)
+    assert result["size"] == 64 and result["threads"] == torch.get_num_threads()
+    assert result["rounds"] >= 3
+    assert list(result["peaks"]) == ["float32", "bfloat16", "int8"]
+    for dtype, peak in result["peaks"].items():
+        assert peak["op"] == ("torch._int_mm" if dtype == "int8" else "torch.mm")
+        assert peak["ops_per_second"] == pytest.approx(2 * 64 ** 3 / (peak["median_ms"] / 1e3))
+    assert result["peaks"]["float32"]["speedup_vs_float32"] == 1.0
+    assert result["kernel_paths"] == {d: hardware.kernel_paths()[d]
+                                      for d in ("float32", "bfloat16", "int8")}
+    json.dumps(result)
+    alone = hardware.matrix_peaks(["int8"], size=32, seconds=0.01)
+    assert alone["peaks"]["int8"]["speedup_vs_float32"] is None
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"dtypes": "float32"}, "dtypes='float32'; expected a non-empty list"),
+    ({"dtypes": ()}, r"dtypes=\(\); expected a non-empty list"),
+    ({"dtypes": ("float64",)}, "dtype 'float64' in dtypes"),
+    ({"dtypes": ("int8", "int8")}, "names a dtype twice"),
+    ({"size": 8}, "size=8; expected an int >= 16"),
+    ({"seconds": 0}, r"seconds=0; expected a number in \(0, 600\]"),
+])
+def test_matrix_peaks_rejects_bad_arguments(kwargs, fragment) -> None:
+    with pytest.raises(LeanError, match=fragment):
+        hardware.matrix_peaks(**kwargs)
+
+
+def test_cli_profile_hardware_prints_paths_and_peaks(capsys) -> None:
+    from leantorch.cli import main
+
+    assert main(["profile", "--hardware", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["machine"]["kernel_paths"] == hardware.kernel_paths()
+    assert list(data["matrix_peaks"]["peaks"]) == ["float32", "bfloat16", "float16", "int8"]
+    assert main(["profile", "--hardware", "minilm"]) == 2
+    assert "--hardware describes this machine and takes no MODEL" in capsys.readouterr().err
+    assert main(["profile"]) == 2
+    assert "profile needs a MODEL" in capsys.readouterr().err

@@ -376,7 +376,7 @@ def test_json_schema_is_stable(tmp_path) -> None:
     assert data["forward"]["flops"] == report.flops
     assert data["forward"]["matmul_flops"] + data["forward"]["other_flops"] == report.flops
     assert set(data["machine"]) == {"cpu", "torch_cpu_capability", "threads", "interop_threads",
-                                    "torch", "python", "platform"}
+                                    "torch", "python", "platform", "kernel_paths"}
     assert data["machine"]["threads"] == data["latency"]["threads"]
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
 

@@ -7,7 +7,7 @@ peak memory, latency and a roofline view, per module, counted at the aten-op lev
 """
 
 from leantorch.measure.formulas import Cost, OpCall, attention_pairs, register_formula
-from leantorch.measure.hardware import machine_info, machine_summary
+from leantorch.measure.hardware import kernel_paths, machine_info, machine_summary, matrix_peaks
 from leantorch.measure.latency import (
     CandidateTiming,
     Comparison,
@@ -44,8 +44,10 @@ __all__ = [
     "calibrate",
     "compare_interleaved",
     "count_params",
+    "kernel_paths",
     "machine_info",
     "machine_summary",
+    "matrix_peaks",
     "profile",
     "register_formula",
     "time_callable",

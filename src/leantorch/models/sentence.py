@@ -65,6 +65,9 @@ class SentenceEncoder(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
+        # pool and normalise in at least float32: a bf16/fp16 encoder's hidden states summed
+        # over a sequence in their own dtype would lose the bits the cast kept
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=-1)
