@@ -26,6 +26,7 @@ Every fallback is logged once, with its reason, on ``logging.getLogger("leantorc
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -148,9 +149,16 @@ def onednn_available() -> bool:
     return _ONEDNN["ok"]
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> Tensor:
+    """The weight's zero points (all 0, symmetric codes), made once per output size rather
+    than at every call: the layers call the GEMM ~40 times per MiniLM forward."""
+    return torch.zeros(n, dtype=torch.long)
+
+
 def _onednn_scaled_mm(q: Tensor, packed: Tensor, weight_scale: Tensor,
                       out_dtype: torch.dtype = torch.float32) -> Tensor:
-    zeros = torch.zeros(weight_scale.shape[0], dtype=torch.long)
+    zeros = _zero_points(weight_scale.shape[0])
     return torch.ops.onednn.qlinear_pointwise.tensor(
         q, _ONE, _ZERO, packed, weight_scale, zeros, None, 1.0, 0, out_dtype, "none", [], "")
 
