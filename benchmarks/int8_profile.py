@@ -26,17 +26,19 @@ from _common import THREADS, machine_info, setup_threads, write_results
 # aten op name (without the "aten::" prefix) -> bucket; the first match wins
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("int8 GEMM", ("int8_scaled_mm", "qlinear_pointwise", "_int_mm")),
-    ("per-token quantize", ("amax", "amin", "maximum", "div", "round", "masked_fill",
-                            "quantize_per_token")),
+    ("per-token quantize", ("amax", "amin", "maximum", "neg_", "div", "div_", "round_",
+                            "eq", "masked_fill_")),
     ("attention (SDPA, bmm, softmax)", ("_scaled_dot_product_flash_attention_for_cpu",
                                         "scaled_dot_product_attention", "bmm", "baddbmm",
                                         "matmul", "_softmax", "softmax")),
     ("layer norm", ("layer_norm", "native_layer_norm")),
     ("GELU", ("gelu",)),
     ("float GEMM (not quantized)", ("addmm", "mm", "linear")),
-    ("rescale (per-token scale, bias)", ("addcmul", "mul", "add")),
-    ("copies and casts", ("to", "_to_copy", "copy_", "contiguous", "clone", "empty",
-                          "reshape", "view", "transpose", "permute", "expand", "t")),
+    ("rescale (per-token scale, bias) and residual adds", ("addcmul", "mul", "mul_", "add",
+                                                           "add_")),
+    ("copies and casts (incl. the quantize's float32 copy and int8 cast)",
+     ("to", "_to_copy", "copy_", "contiguous", "clone", "empty", "reshape", "view",
+      "transpose", "permute", "expand", "t")),
 ]
 
 

@@ -229,3 +229,32 @@ def test_bfloat16_model_round_trips_through_save_and_load(tmp_path) -> None:
     assert loaded.q.share_quantization and loaded.norm1.weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(loaded(_ids()), new(_ids()))
+
+
+def test_a_bert_block_quantizes_its_attention_input_once(monkeypatch) -> None:
+    """transformers' BERT feeds one tensor to its q, k and v projections: with sharing, a
+    layer makes 4 quantize passes (q/k/v, attention output, FFN up, FFN down), not 6."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=100, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    calls = []
+    real = int8_ops.quantize_per_token_fast
+
+    def counted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setattr(int8_ops, "quantize_per_token_fast", counted)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for share in (False, True):
+        new, _ = int8_dynamic(model, share_quantization=share)
+        calls.clear()
+        clear_shared_quantization()
+        with torch.no_grad():
+            outputs[share] = new(input_ids=ids).last_hidden_state
+        assert len(calls) == (6 if not share else 4) * config.num_hidden_layers
+    assert torch.equal(outputs[True], outputs[False])
