@@ -258,3 +258,27 @@ def test_a_bert_block_quantizes_its_attention_input_once(monkeypatch) -> None:
             outputs[share] = new(input_ids=ids).last_hidden_state
         assert len(calls) == (6 if not share else 4) * config.num_hidden_layers
     assert torch.equal(outputs[True], outputs[False])
+
+
+@pytest.mark.slow
+def test_compiled_quantization_is_bit_identical() -> None:
+    """``compile=True``: inductor's fused per-token quantization gives the reference's codes
+    and scales (float32 and bfloat16 inputs, two shapes through one dynamic-shape compile),
+    so the compiled model's outputs equal the eager one's."""
+    from leantorch.ops.quant.int8 import quantize_per_token_compiled
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens, features in ((33, 40), (70, 96)):
+            x = heavy_tailed(tokens, features).to(dtype)
+            x[1] = 0
+            q, scale = quantize_per_token_compiled(x)
+            q_ref, scale_ref = naive.quantize_per_token(x)
+            assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert int8_ops._COMPILED["quantize"] is not quantize_per_token_fast  # it did compile
+    model = TinyEncoder().eval()
+    eager, _ = int8_dynamic(model, compute_dtype="bfloat16")
+    compiled, change = int8_dynamic(model, compute_dtype="bfloat16", compile=True)
+    assert change.params["compile"] is True and compiled.q.compile_quantization
+    with torch.no_grad():
+        assert torch.equal(compiled(_ids()), eager(_ids()))

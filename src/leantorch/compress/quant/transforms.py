@@ -257,6 +257,7 @@ def int8_dynamic(
     *,
     compute_dtype: str | torch.dtype | None = None,
     share_quantization: bool = True,
+    compile: bool = False,
     include: Patterns = None,
     exclude: Patterns = None,
     inplace: bool = False,
@@ -274,12 +275,16 @@ def int8_dynamic(
     ``"auto"``: bfloat16 on a CPU with AVX512-BF16 / AMX, else None.
     share_quantization (default True): int8 layers that read the same unchanged tensor (q, k,
     v projections) quantize it once; bit-identical to quantizing it three times.
+    compile (default False): the per-token quantization runs through ``torch.compile``
+    (inductor fuses its six passes into two loops; bit-identical). The first forward pass
+    compiles (tens of seconds); needs a C++ compiler, else it logs why and runs eagerly.
 
     Returns ``(new_model, Change)``; ``Change.details["integer_matmul"]`` names the kernel,
     ``["compute_dtype"]`` what runs outside it and ``["float32_modules"]`` the modules that
     keep float32 tensors."""
     dtype = resolve_compute_dtype(compute_dtype)
     _check_bool(share_quantization, "share_quantization")
+    _check_bool(compile, "compile")
 
     def finish(target: nn.Module, change: Change) -> None:
         change.details["integer_matmul"] = integer_matmul_path(_model_device(target))
@@ -289,10 +294,11 @@ def int8_dynamic(
 
     return _quantize_linears(
         "quant.int8_dynamic", model,
-        lambda linear: Int8DynamicLinear.from_linear(linear, share_quantization),
+        lambda linear: Int8DynamicLinear.from_linear(linear, share_quantization, compile),
         params={"compute_dtype": None if compute_dtype is None else
                 str(compute_dtype).replace("torch.", ""),
-                "share_quantization": share_quantization, "include": include,
+                "share_quantization": share_quantization, "compile": compile,
+                "include": include,
                 "exclude": exclude},
         include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
         finish=finish)
