@@ -43,6 +43,7 @@ TRANSFORMS = [
     ("quant.fake_quantize", {"scheme": "int8_dynamic"}),
     ("quant.fake_quantize", {"scheme": "int4_weight", "group_size": 16}),
     ("quant.fake_quantize", {"scheme": "ternary"}),
+    ("quant.int8_dynamic", {"compute_dtype": "bfloat16"}),
 ]
 IDS = [f"{name}{sorted(args.items())}" for name, args in TRANSFORMS]
 

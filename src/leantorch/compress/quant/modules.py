@@ -125,24 +125,36 @@ class Int8DynamicLinear(_QuantizedLinear):
     symmetric, scales from the current batch), accumulated in int32 (``torch._int_mm``) and
     rescaled: ``y = (q_x @ q_w.T) * s_x * s_w + b``.
 
-    weight: (out, in) int8; weight_scale: (out,) float32; bias: (out,) or None.
+    weight: (out, in) int8; weight_scale: (out,) float32; bias: (out,) or None. The output
+    has the input's dtype (a bfloat16 input runs the bfloat16 path of
+    :func:`~leantorch.ops.quant.int8.int8_dynamic_linear`). ``share_quantization``: reuse the
+    quantized input of the previous int8 layer when it read the same unchanged tensor (q, k
+    and v projections); bit-identical to quantizing again. ``compile_quantization``: quantize
+    through ``torch.compile`` (fused loops, bit-identical; the first call compiles).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 share_quantization: bool = False, compile_quantization: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.share_quantization = bool(share_quantization)
+        self.compile_quantization = bool(compile_quantization)
         self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
         self.register_parameter("bias", _bias_parameter(out_features, bias))
 
     def spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, "share_quantization": self.share_quantization,
+                "compile_quantization": self.compile_quantization}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
+    def from_linear(cls, linear: nn.Linear, share_quantization: bool = False,
+                    compile_quantization: bool = False) -> Int8DynamicLinear:
         weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     share_quantization=share_quantization,
+                     compile_quantization=compile_quantization)
         codes, scale, _ = naive.quantize_groupwise(weight, 8, linear.in_features)
         module.weight = _frozen(codes.to(weight.device))
         module.weight_scale = scale.squeeze(1).to(weight.device)
@@ -150,7 +162,9 @@ class Int8DynamicLinear(_QuantizedLinear):
         return module
 
     def _compute(self, x: Tensor) -> Tensor:
-        return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
+        return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias,
+                                   share_quantization=self.share_quantization,
+                                   compiled=self.compile_quantization)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         return naive.int8_dynamic_linear_reference(x, self.weight, self.weight_scale, self.bias)
@@ -178,7 +192,8 @@ class LLMInt8Linear(Int8DynamicLinear):
         self.reset_statistics()
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "threshold": self.threshold}
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "threshold": self.threshold}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> LLMInt8Linear:

@@ -199,10 +199,65 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # --------------------------------------------------------------------------- transforms
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+# what stays float32 when the rest of the model computes in bfloat16: normalisations read
+# means and variances, which bfloat16's 8-bit mantissa would blur (their kernels accumulate in
+# float32 and return the input's dtype, so a bfloat16 activation meets float32 weights there)
+FLOAT32_ISLANDS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16 on x86,
+    BF16 on Arm), per :func:`leantorch.measure.hardware.cpu_info`."""
+    from leantorch.measure.hardware import cpu_info
+
+    features = cpu_info()["features"] or {}
+    return any(features.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def resolve_compute_dtype(compute_dtype: object) -> torch.dtype | None:
+    """``None`` / ``"float32"`` -> None (leave the model's dtypes), ``"bfloat16"`` (or
+    ``torch.bfloat16``) -> bfloat16, ``"auto"`` -> bfloat16 where :func:`cpu_has_bf16`, else
+    None."""
+    if compute_dtype is None or compute_dtype is torch.float32:
+        return None
+    if compute_dtype is torch.bfloat16:
+        return torch.bfloat16
+    if not isinstance(compute_dtype, str) or compute_dtype not in COMPUTE_DTYPES:
+        raise LeanError(f"quant.int8_dynamic: compute_dtype={describe(compute_dtype)}; "
+                        f"expected one of None, {', '.join(map(repr, COMPUTE_DTYPES))} or "
+                        "torch.bfloat16")
+    if compute_dtype == "auto":
+        return torch.bfloat16 if cpu_has_bf16() else None
+    return torch.bfloat16 if compute_dtype == "bfloat16" else None
+
+
+def _cast_outside_int8(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast the floating parameters and buffers of every module except the int8 layers (whose
+    scales stay float32) and the normalisation layers (float32 islands) to ``dtype``. Returns
+    the dotted names of the modules that keep float32 tensors."""
+    kept: list[str] = []
+    for path, module in model.named_modules():
+        if isinstance(module, (Int8DynamicLinear, *FLOAT32_ISLANDS)):
+            if any(t.is_floating_point() for t in module.parameters(recurse=False)):
+                kept.append(path)
+            continue
+        for param in list(module.parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
+    return kept
+
+
 @register_transform("quant.int8_dynamic")
 def int8_dynamic(
     model: nn.Module,
     *,
+    compute_dtype: str | torch.dtype | None = None,
+    share_quantization: bool = True,
+    compile: bool = False,
     include: Patterns = None,
     exclude: Patterns = None,
     inplace: bool = False,
@@ -211,15 +266,42 @@ def int8_dynamic(
     """Replace Linear layers by :class:`Int8DynamicLinear`: per-output-channel symmetric int8
     weights, per-token symmetric int8 activations computed at run time, int32 accumulation.
 
-    Returns ``(new_model, Change)``; ``Change.details["integer_matmul"]`` names the kernel."""
+    compute_dtype: what runs outside the int8 GEMMs. None (default) or ``"float32"``: the model
+    keeps its dtypes. ``"bfloat16"``: every other floating parameter and buffer is cast to
+    bfloat16 (attention matmuls, GELU, residual adds, embeddings then run in bfloat16) except
+    normalisation layers, which keep float32 weights and compute in float32; the int8 layers
+    quantize bfloat16 activations directly and their GEMM writes bfloat16. The model's outputs
+    are then bfloat16, and float inputs it takes (not token ids) must be given in bfloat16.
+    ``"auto"``: bfloat16 on a CPU with AVX512-BF16 / AMX, else None.
+    share_quantization (default True): int8 layers that read the same unchanged tensor (q, k,
+    v projections) quantize it once; bit-identical to quantizing it three times.
+    compile (default False): the per-token quantization runs through ``torch.compile``
+    (inductor fuses its six passes into two loops; bit-identical). The first forward pass
+    compiles (tens of seconds); needs a C++ compiler, else it logs why and runs eagerly.
+
+    Returns ``(new_model, Change)``; ``Change.details["integer_matmul"]`` names the kernel,
+    ``["compute_dtype"]`` what runs outside it and ``["float32_modules"]`` the modules that
+    keep float32 tensors."""
+    dtype = resolve_compute_dtype(compute_dtype)
+    _check_bool(share_quantization, "share_quantization")
+    _check_bool(compile, "compile")
 
     def finish(target: nn.Module, change: Change) -> None:
         change.details["integer_matmul"] = integer_matmul_path(_model_device(target))
+        change.details["compute_dtype"] = str(dtype or "unchanged").replace("torch.", "")
+        if dtype is not None:
+            change.details["float32_modules"] = _cast_outside_int8(target, dtype)
 
-    return _quantize_linears("quant.int8_dynamic", model, Int8DynamicLinear.from_linear,
-                             params={"include": include, "exclude": exclude}, include=include,
-                             exclude=exclude, inplace=inplace, example_inputs=example_inputs,
-                             finish=finish)
+    return _quantize_linears(
+        "quant.int8_dynamic", model,
+        lambda linear: Int8DynamicLinear.from_linear(linear, share_quantization, compile),
+        params={"compute_dtype": None if compute_dtype is None else
+                str(compute_dtype).replace("torch.", ""),
+                "share_quantization": share_quantization, "compile": compile,
+                "include": include,
+                "exclude": exclude},
+        include=include, exclude=exclude, inplace=inplace, example_inputs=example_inputs,
+        finish=finish)
 
 
 @register_transform("quant.int8_weight")

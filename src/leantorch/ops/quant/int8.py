@@ -26,8 +26,10 @@ Every fallback is logged once, with its reason, on ``logging.getLogger("leantorc
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,13 +38,16 @@ from leantorch.measure import Cost, register_formula
 
 __all__ = [
     "clear_packed_weights",
+    "clear_shared_quantization",
     "int8_dynamic_linear",
     "int8_matmul",
     "int8_scaled_matmul",
     "llm_int8_linear",
     "onednn_available",
     "padded_int_mm",
+    "quantize_per_token_compiled",
     "quantize_per_token_fast",
+    "quantize_per_token_shared",
 ]
 
 logger = logging.getLogger("leantorch.quant")
@@ -61,20 +66,84 @@ def _log_once(key: str, reason: str) -> None:
         logger.warning("%s", reason)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def quantize_per_token_fast(x: Tensor) -> tuple[Tensor, Tensor]:
     """Same codes and scales as :func:`naive.quantize_per_token` (8 bits), with fewer
     temporaries. x: (tokens, features) -> (q int8 (tokens, features), scale float32
-    (tokens, 1); float64 for float64 x)."""
-    if x.dtype not in (torch.float32, torch.float64):
+    (tokens, 1); float64 for float64 x).
+
+    A bfloat16 / float16 x is read as it is for max and min (exact in any float format); the
+    division runs in float32, as in the reference."""
+    if x.dtype not in (torch.float32, torch.float64, *LOW_PRECISION):
         x = x.float()
     # max |x| as max(max x, -min x): two reads and no |x| temporary (bit-identical)
     scale = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    scale = scale.float() if x.dtype in LOW_PRECISION else scale
     scale.div_(127)
     scale.masked_fill_(scale == 0, 1.0)
+    # low precision: one explicit float32 copy, divided in place (a mixed-dtype torch.div
+    # would make the same copy and then allocate the quotient besides)
+    quotient = x.float().div_(scale) if x.dtype in LOW_PRECISION else torch.div(x, scale)
     # No clamp: |x| <= amax, so |x / scale| <= 127 * (1 + 2u) < 127.5 and the rounded code is
     # already in [-127, 127] (the reference's clamp is a no-op; the tests check bit equality).
-    q = torch.div(x, scale).round_().to(torch.int8)
+    q = quotient.round_().to(torch.int8)
     return q, scale
+
+
+# --------------------------------------------------------------------------- shared quantize
+# q, k and v projections of an attention block read the same tensor: one quantize pass can
+# serve the three. The last quantized input is remembered (by identity and version counter,
+# through a weak reference, so the cache never keeps it alive) with its codes and scales.
+_LAST_INPUT: list[tuple[weakref.ref, int, Tensor, Tensor] | None] = [None]
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def quantize_per_token_compiled(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_per_token_fast` through ``torch.compile`` (inductor, dynamic shapes):
+    the max/min reduction and the divide-round-cast fuse into two loops over x instead of
+    six passes. Same codes and scales (the same float32 operations, in the same order per
+    element). The first call compiles (tens of seconds on a small CPU); if compiling fails,
+    the reason is logged once and the eager function runs from then on."""
+    if "quantize" not in _COMPILED:
+        _COMPILED["quantize"] = torch.compile(quantize_per_token_fast, dynamic=True)
+    if _COMPILED["quantize"] is quantize_per_token_fast:
+        return quantize_per_token_fast(x)
+    try:
+        return _COMPILED["quantize"](x)
+    except Exception as error:  # no C++ compiler, an unsupported build: stay correct
+        _log_once("compile", "torch.compile of the per-token quantization failed "
+                  f"({' '.join(str(error).split())[:200]}); using the eager passes")
+        _COMPILED["quantize"] = quantize_per_token_fast
+        return quantize_per_token_fast(x)
+
+
+def quantize_per_token_shared(x: Tensor, compiled: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_per_token_fast` of ``x.reshape(-1, x.shape[-1])``, reusing the result
+    of the previous call when ``x`` is the same tensor, unchanged since (same object, same
+    version counter). Bit-identical to quantizing again. x: (..., features) -> (q (tokens,
+    features) int8, scale (tokens, 1)).
+
+    Not cached: inference-mode tensors (they have no version counter, so an in-place edit
+    could not be seen), tensors that require grad, and calls made while ``torch.compile``
+    traces."""
+    cacheable = not (x.is_inference() or x.requires_grad or torch.compiler.is_compiling())
+    if cacheable:
+        entry = _LAST_INPUT[0]
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            return entry[2], entry[3]
+    quantize = quantize_per_token_compiled if compiled else quantize_per_token_fast
+    q, scale = quantize(x.reshape(-1, x.shape[-1]))
+    _LAST_INPUT[0] = (weakref.ref(x), x._version, q, scale) if cacheable else None
+    return q, scale
+
+
+def clear_shared_quantization() -> None:
+    """Forget the remembered quantized input (its codes and scales are freed)."""
+    _LAST_INPUT[0] = None
 
 
 # --------------------------------------------------------------------------- oneDNN (CPU)
@@ -105,11 +174,18 @@ def onednn_available() -> bool:
     return _ONEDNN["ok"]
 
 
-def _onednn_scaled_mm(q: Tensor, packed: Tensor, weight_scale: Tensor) -> Tensor:
-    zeros = torch.zeros(weight_scale.shape[0], dtype=torch.long)
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> Tensor:
+    """The weight's zero points (all 0, symmetric codes), made once per output size rather
+    than at every call: the layers call the GEMM ~40 times per MiniLM forward."""
+    return torch.zeros(n, dtype=torch.long)
+
+
+def _onednn_scaled_mm(q: Tensor, packed: Tensor, weight_scale: Tensor,
+                      out_dtype: torch.dtype = torch.float32) -> Tensor:
+    zeros = _zero_points(weight_scale.shape[0])
     return torch.ops.onednn.qlinear_pointwise.tensor(
-        q, _ONE, _ZERO, packed, weight_scale, zeros, None, 1.0, 0, torch.float32, "none", [],
-        "")
+        q, _ONE, _ZERO, packed, weight_scale, zeros, None, 1.0, 0, out_dtype, "none", [], "")
 
 
 def _prepacked(weight: Tensor) -> Tensor:
@@ -132,16 +208,19 @@ def clear_packed_weights() -> None:
 
 
 @torch.library.custom_op("leantorch::int8_scaled_mm", mutates_args=())
-def _int8_scaled_mm_onednn(q: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
-    """(q (m, k) int8 @ weight (n, k) int8 .T) * weight_scale (n,) -> (m, n) float32, in one
-    oneDNN call on the cached packed weight."""
+def _int8_scaled_mm_onednn(q: Tensor, weight: Tensor, weight_scale: Tensor,
+                           out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """(q (m, k) int8 @ weight (n, k) int8 .T) * weight_scale (n,) -> (m, n) ``out_dtype``
+    (float32 or bfloat16), in one oneDNN call on the cached packed weight (int32 sums, scaled
+    in float32, rounded once to ``out_dtype``)."""
     return _onednn_scaled_mm(q.contiguous(), _prepacked(weight),
-                             weight_scale.float().contiguous())
+                             weight_scale.float().contiguous(), out_dtype)
 
 
 @_int8_scaled_mm_onednn.register_fake
-def _(q: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
-    return q.new_empty(q.shape[0], weight.shape[0], dtype=torch.float32)
+def _(q: Tensor, weight: Tensor, weight_scale: Tensor,
+      out_dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.new_empty(q.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 @register_formula(torch.ops.leantorch.int8_scaled_mm)
@@ -207,16 +286,20 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
         return _int_mm_exact_fallback(a, b)
 
 
+def _uses_onednn(q: Tensor, out_dtype: torch.dtype, backend: str) -> bool:
+    return backend == "onednn" or (
+        backend == "auto" and q.device.type == "cpu" and
+        out_dtype in (torch.float32, torch.bfloat16) and onednn_available())
+
+
 def int8_scaled_matmul(q: Tensor, weight: Tensor, weight_scale: Tensor,
                        out_dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
     """``(q @ weight.T) * weight_scale``: q (m, k) int8, weight (n, k) int8, weight_scale (n,)
     -> (m, n) ``out_dtype``. ``backend``: ``auto`` (oneDNN's fused GEMM on a CPU that has it,
-    for float32 output), ``onednn`` or ``int_mm`` (exact int32 sum, then convert and scale)."""
-    use_onednn = backend == "onednn" or (
-        backend == "auto" and q.device.type == "cpu" and out_dtype == torch.float32 and
-        onednn_available())
-    if use_onednn:
-        return torch.ops.leantorch.int8_scaled_mm(q, weight, weight_scale)
+    for float32 or bfloat16 output), ``onednn`` or ``int_mm`` (exact int32 sum, then convert
+    and scale)."""
+    if _uses_onednn(q, out_dtype, backend):
+        return torch.ops.leantorch.int8_scaled_mm(q, weight, weight_scale, out_dtype)
     out = int8_matmul(q, weight.t()).to(out_dtype)
     return out.mul_(weight_scale)
 
@@ -230,15 +313,34 @@ def _row_scale_and_bias(out: Tensor, x_scale: Tensor, bias: Tensor | None) -> Te
 
 def int8_dynamic_linear(
     x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "auto", share_quantization: bool = False, compiled: bool = False,
 ) -> Tensor:
     """int8 dynamic Linear: ``((q_x @ q_w.T) * s_w) * s_x + b``.
 
     x: (..., in) float; weight: (out, in) int8 codes (per-channel symmetric);
     weight_scale: (out,) float32; bias: (out,) or None -> (..., out) in x's dtype.
+
+    A bfloat16 x is quantized as it is (no float32 copy) and, on the oneDNN path, the GEMM
+    writes bfloat16 (int32 sums times ``s_w`` in float32, rounded once); ``s_x`` and ``b`` are
+    then applied in float32 arithmetic on that bfloat16 result (two more roundings to
+    bfloat16: the output is within 3 bfloat16 rounding steps of the float32 result, rounded).
+    ``share_quantization``: reuse the quantized input of the previous call when x is the same
+    unchanged tensor (:func:`quantize_per_token_shared`; bit-identical). ``compiled``: quantize
+    with :func:`quantize_per_token_compiled` (bit-identical).
     """
     shape = x.shape
-    q, x_scale = quantize_per_token_fast(x.reshape(-1, shape[-1]))
+    if share_quantization:
+        q, x_scale = quantize_per_token_shared(x, compiled)
+    elif compiled:
+        q, x_scale = quantize_per_token_compiled(x.reshape(-1, shape[-1]))
+    else:
+        q, x_scale = quantize_per_token_fast(x.reshape(-1, shape[-1]))
+    if x.dtype == torch.bfloat16 and _uses_onednn(q, torch.bfloat16, backend):
+        # oneDNN writes bfloat16 (half the bytes of float32); scale it where it lies
+        # (a bfloat16 x_scale and bias: a mixed-dtype op would copy the whole output twice)
+        out = int8_scaled_matmul(q, weight, weight_scale, torch.bfloat16, backend)
+        out = _row_scale_and_bias(out, x_scale.to(torch.bfloat16), bias)
+        return out.reshape(*shape[:-1], weight.shape[0])
     out = int8_scaled_matmul(q, weight, weight_scale, x_scale.dtype, backend)
     out = _row_scale_and_bias(out, x_scale, bias)
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
