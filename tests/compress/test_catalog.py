@@ -60,14 +60,14 @@ def test_int8_weight_knobs_by_hand():
 
 
 def test_lowrank_reads_calibration_and_has_a_check():
-    info = by_function("lowrank")
+    info = by_function("svd")
     assert info.uses_calibration and info.has_check
     assert [k.name for k in info.knobs][:4] == ["rank", "energy", "param_ratio",
                                                 "activation_aware"]
 
 
 def test_moefy_split_names_its_keyword_catch_all():
-    info = by_function("moefy_split")
+    info = by_function("split")
     assert info.extra_keywords == "moe_args"
     assert "moe_args" not in [k.name for k in info.knobs]
 
@@ -80,7 +80,7 @@ def test_unknown_transform_names_the_known_ones():
 def test_to_dict_round_trips_through_json():
     data = [t.to_dict() for t in transforms()]
     assert json.loads(json.dumps(data, allow_nan=False)) == data
-    structured = by_function("prune_structured").to_dict()
+    structured = by_function("structured").to_dict()
     units = next(k for k in structured["knobs"] if k["name"] == "units")
     # a tuple default is not silently turned into a JSON list
     assert units["default"] == "('channels', 'heads', 'neurons')" and units["default_repr"]

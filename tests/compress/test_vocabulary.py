@@ -42,6 +42,14 @@ def llama() -> nn.Module:
         intermediate_size=32, vocab_size=50, bos_token_id=0, eos_token_id=0)).eval()
 
 
+def mixtral() -> nn.Module:
+    torch.manual_seed(0)
+    return T.MixtralForCausalLM(T.MixtralConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=50,
+        bos_token_id=0, eos_token_id=0)).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(seed))
 
@@ -69,6 +77,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, Callable[[int], torch.Tenso
     "prune.sublayers": (llama, "input_ids", ids, {"count": 1}, ()),
     "moefy.split": (net, "input", vector, {"num_experts": 4, "k": 2}, ()),
     "moefy.upcycle": (net, "input", vector, {"num_experts": 2, "k": 1, "noise": 0.01}, ()),
+    "moefy.convert_mixtral": (mixtral, "input_ids", ids, {}, ()),
+    "quant.bf16": (net, "input", vector, {}, ()),
+    "quant.fp16": (net, "input", vector, {}, ()),
+    "quant.autocast": (net, "input", vector, {}, ()),
 }
 
 
@@ -117,25 +129,21 @@ def test_each_form_of_example_inputs_gives_the_same_model_and_change(name: str) 
 
 
 # --------------------------------------------------------------------------- registry names
-# Transforms owned by another room that still break the naming rule, with the function name
-# they will get (``moefy_split`` -> ``split``): remove an entry once its function is renamed.
-PENDING_RENAMES = {"moefy.split": "moefy_split", "moefy.upcycle": "moefy_upcycle"}
-
-
 def test_every_registry_name_is_family_dot_function_name() -> None:
     for name in sorted(_ours()):
         fn = get_transform(name)
         family, _, function = name.partition(".")
         assert fn.__module__.startswith(f"leantorch.compress.{family}"), (name, fn.__module__)
-        expected = PENDING_RENAMES.get(name, function)
-        assert fn.__name__ == expected, (name, fn.__name__)
+        assert fn.__name__ == function, (name, fn.__name__)
 
 
 def test_renamed_transforms_keep_their_old_names_and_imports() -> None:
     from leantorch.compress import lowrank as lowrank_module
-    from leantorch.compress import prune, quant
+    from leantorch.compress import moefy, prune, quant
     from leantorch.compress.registry import DEPRECATED_NAMES
 
+    assert moefy.moefy_split is get_transform("moefy.split")
+    assert moefy.moefy_upcycle is get_transform("moefy.upcycle")
     assert prune.prune_structured is get_transform("prune.structured")
     assert prune.prune_sublayers is get_transform("prune.sublayers")
     assert prune.prune_magnitude is prune.magnitude is get_transform("prune.magnitude")

@@ -8,7 +8,8 @@
   (``"moefy.convert_mixtral"``).
 
 Every transform returns ``(new_model, Change)``, copies the model unless ``inplace=True`` and
-selects sites with ``include`` / ``exclude`` globs over module paths.
+selects sites with ``include`` / ``exclude`` globs over module paths. The functions are named
+as registered (``split``, ``upcycle``); ``moefy_split`` / ``moefy_upcycle`` are the older aliases.
 """
 
 from leantorch.compress.moefy.mixtral import convert_mixtral
@@ -19,9 +20,10 @@ from leantorch.compress.moefy.split import (
     fit_router,
     moefy_split,
     partition_neurons,
+    split,
     split_ffn,
 )
-from leantorch.compress.moefy.upcycle import moefy_upcycle, upcycle_ffn
+from leantorch.compress.moefy.upcycle import moefy_upcycle, upcycle, upcycle_ffn
 
 __all__ = [
     "PARTITIONS",
@@ -34,6 +36,8 @@ __all__ = [
     "moefy_upcycle",
     "partition_neurons",
     "search_ffns",
+    "split",
     "split_ffn",
+    "upcycle",
     "upcycle_ffn",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "fit_router",
     "moefy_split",
     "partition_neurons",
+    "split",
     "split_ffn",
 ]
 
@@ -220,7 +221,7 @@ def _topk_recall(scores: Tensor, contributions: Tensor, k: int) -> float:
 
 # --------------------------------------------------------------------------- transforms
 @register_transform("moefy.split")
-def moefy_split(
+def split(
     model: nn.Module,
     *,
     num_experts: int = 8,
@@ -251,7 +252,7 @@ def moefy_split(
 
     Example::
 
-        >>> moe_model, change = moefy_split(model, num_experts=8, k=2,
+        >>> moe_model, change = split(model, num_experts=8, k=2,
         ...                                 calibration=batches)  # doctest: +SKIP
     """
     check_k("moefy.split", num_experts, k)
@@ -313,3 +314,7 @@ def moefy_split(
         "moefy.split", model, edit, example_inputs=example_inputs, inplace=inplace,
         params={"num_experts": num_experts, "k": k, "partition": partition, "router": router,
                 "include": include, "exclude": exclude, "seed": seed, **moe_args})
+
+
+# the name before registry names matched function names (kept as an alias)
+moefy_split = split

@@ -26,7 +26,7 @@ from leantorch.compress.registry import register_transform
 from leantorch.nn.moe import MoE
 from leantorch.validate import ratio
 
-__all__ = ["moefy_upcycle", "upcycle_ffn"]
+__all__ = ["moefy_upcycle", "upcycle", "upcycle_ffn"]
 
 
 def upcycle_ffn(site: FFNSite, num_experts: int, k: int, *, noise: float = 0.0,
@@ -61,7 +61,7 @@ def upcycle_ffn(site: FFNSite, num_experts: int, k: int, *, noise: float = 0.0,
 
 
 @register_transform("moefy.upcycle")
-def moefy_upcycle(
+def upcycle(
     model: nn.Module,
     *,
     num_experts: int = 8,
@@ -103,3 +103,7 @@ def moefy_upcycle(
         "moefy.upcycle", model, edit, example_inputs=example_inputs, inplace=inplace,
         params={"num_experts": num_experts, "k": k, "noise": noise, "router_std": router_std,
                 "include": include, "exclude": exclude, "seed": seed, **moe_args})
+
+
+# the name before registry names matched function names (kept as an alias)
+moefy_upcycle = upcycle

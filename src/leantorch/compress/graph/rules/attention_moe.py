@@ -18,6 +18,8 @@ from leantorch.compress.graph.fx import bind, module_of, shape_of
 from leantorch.compress.graph.rules.registry import Unsupported, rule, terms_of
 from leantorch.compress.graph.terms import ONE, Atom, Term
 
+__all__ = ["couple_experts", "tag_heads"]
+
 if TYPE_CHECKING:
     from leantorch.compress.graph.propagation import Propagator
 

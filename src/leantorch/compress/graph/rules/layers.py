@@ -21,6 +21,9 @@ from leantorch.compress.graph.rules.attention_moe import tag_heads
 from leantorch.compress.graph.rules.registry import Unsupported, rule, terms_of
 from leantorch.compress.graph.terms import ONE, Term, concat, product
 
+# the rules register themselves with @rule: nothing here is imported by name
+__all__: list[str] = []
+
 if TYPE_CHECKING:
     from leantorch.compress.graph.propagation import Propagator
 

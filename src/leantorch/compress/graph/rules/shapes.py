@@ -16,6 +16,9 @@ from leantorch.compress.graph.fx import bind, shape_of
 from leantorch.compress.graph.rules.registry import Unsupported, axis, rule, terms_of
 from leantorch.compress.graph.terms import ONE, Atom, Term, concat, factors, product
 
+# the rules register themselves with @rule: nothing here is imported by name
+__all__: list[str] = []
+
 if TYPE_CHECKING:
     from leantorch.compress.graph.propagation import Propagator
 
