@@ -246,7 +246,7 @@ def test_without_timing_the_report_says_so() -> None:
     assert result.timing is None and all(s.speedup is None for s in result.stages)
     assert {row[5] for row in result.table()[1]} == {"-"}
     assert "not timed" in result.timing_note()
-    with pytest.raises(LeanError, match=r"latency_runs must be an integer >= 0 .* got -1"):
+    with pytest.raises(LeanError, match=r"run_recipe: latency_runs=-1; expected an int >= 0"):
         run_recipe(FAST, encoder(), calibration=data(1, 1), evaluation=data(1, 2),
                    example_inputs=data(1, 3)[0], latency_runs=-1)
 

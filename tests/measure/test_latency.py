@@ -127,8 +127,8 @@ def test_real_callables_give_typed_positive_times() -> None:
     ({"fns": [lambda: 0]}, LeanTypeError, "fns must be a mapping of name -> callable"),
     ({"fns": {"a": 3}}, LeanTypeError, "fns['a'] must be callable, got int"),
     ({"fns": {"a": int}, "baseline": "b"}, LeanError, "baseline 'b' is not one of"),
-    ({"fns": {"a": int}, "rounds": 0}, LeanError, "rounds must be an integer >= 1, got 0"),
-    ({"fns": {"a": int}, "warmup": -1}, LeanError, "warmup must be an integer >= 0, got -1"),
+    ({"fns": {"a": int}, "rounds": 0}, LeanError, "rounds=0; expected an int >= 1"),
+    ({"fns": {"a": int}, "warmup": -1}, LeanError, "warmup=-1; expected an int >= 0"),
     ({"fns": {"a": int}, "order": "random"}, LeanError,
      "order must be 'rotate' or 'shuffle', got 'random'"),
 ])

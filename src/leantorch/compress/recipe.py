@@ -778,10 +778,8 @@ def run_recipe(
     for index, gate in enumerate(recipe.gates):
         for key in ("min", "max"):
             _number(f"recipe.gates[{index}] ({gate.metric})", key, getattr(gate, key))
-    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
-        # checked now, not after the transforms and fine-tunes have run
-        raise LeanError(f"run_recipe: latency_runs must be an integer >= 0 (timing rounds; 0: "
-                        f"no timing), got {latency_runs!r}")
+    # checked now, not after the transforms and fine-tunes have run (0: no timing)
+    positive_int("run_recipe", "latency_runs", latency_runs, minimum=0)
     if evaluation_ood is not None and not evaluation_ood:
         raise LeanError("run_recipe: evaluation_ood must be None or a non-empty list of model "
                         "inputs, got an empty one")

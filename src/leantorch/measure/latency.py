@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.validate import positive_int
 
 __all__ = ["CandidateTiming", "Comparison", "Latency", "Spread", "compare_interleaved",
            "time_callable"]
@@ -219,10 +220,8 @@ def compare_interleaved(
     if baseline not in fns:
         raise LeanError(f"compare_interleaved: baseline {baseline!r} is not one of the "
                         f"candidates {names}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise LeanError(f"compare_interleaved: rounds must be an integer >= 1, got {rounds!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise LeanError(f"compare_interleaved: warmup must be an integer >= 0, got {warmup!r}")
+    positive_int("compare_interleaved", "rounds", rounds)
+    positive_int("compare_interleaved", "warmup", warmup, minimum=0)
     if order not in ("rotate", "shuffle"):
         raise LeanError(f"compare_interleaved: order must be 'rotate' or 'shuffle', got "
                         f"{order!r}")

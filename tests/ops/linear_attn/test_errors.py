@@ -42,7 +42,7 @@ def test_bad_options():
     q, k, v = qkv(1, 2, 6, 4, 3)
     with pytest.raises(LeanError, match=r"mode='fast' is not one of 'parallel', 'recurrent'"):
         linear_attention(q, k, v, mode="fast")
-    with pytest.raises(LeanError, match=r"chunk_size=0 must be a positive int"):
+    with pytest.raises(LeanError, match=r"chunk_size=0; expected an int >= 1"):
         linear_attention(q, k, v, chunk_size=0)
     with pytest.raises(LeanError, match=r"eps=-1 must be a float >= 0"):
         linear_attention(q, k, v, eps=-1)

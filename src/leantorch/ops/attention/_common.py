@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.validate import positive_int
 
 
 class AttentionShapes(NamedTuple):
@@ -118,9 +119,8 @@ def check_key_padding_mask(op: str, key_padding_mask: object, shapes: AttentionS
 
 
 def check_positive_int(op: str, name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LeanError(f"{op}: {name} must be an integer >= {minimum}, got {describe(value)}")
-    return value
+    """``value`` if it is an int >= ``minimum`` (see :func:`leantorch.validate.positive_int`)."""
+    return positive_int(op, name, value, minimum=minimum)
 
 
 def causal_allowed(q_len: int, k_len: int, device: torch.device | str | None = None,

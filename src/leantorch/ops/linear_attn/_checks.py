@@ -8,6 +8,7 @@ import math
 import torch
 
 from leantorch.errors import LeanError, LeanTypeError, describe
+from leantorch.validate import positive_int
 
 MODES = ("parallel", "recurrent", "chunk")
 
@@ -70,9 +71,8 @@ def check_mode(op: str, mode: object) -> None:
 
 
 def check_positive_int(op: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LeanError(f"{op}: {name}={describe(value)} must be a positive int")
-    return value
+    """``value`` if it is an int >= 1 (see :func:`leantorch.validate.positive_int`)."""
+    return positive_int(op, name, value)
 
 
 def check_eps(op: str, eps: object) -> float:
