@@ -50,10 +50,13 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias)
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``rank`` and ``bias`` (whether
+        ``up`` has one)."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "bias": self.up.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)`` through ``(..., rank)``."""
         return self.up(self.down(x))
 
     def weight(self) -> torch.Tensor:

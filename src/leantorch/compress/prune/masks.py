@@ -60,9 +60,11 @@ class WeightMask(nn.Module):
         self.register_buffer("mask", torch.ones(tuple(shape), dtype=torch.bool))
 
     def spec(self) -> dict[str, Any]:
+        """``{"shape": the mask's (and weight's) shape as a list}``."""
         return {"shape": list(self.mask.shape)}
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the mask's shape) -> the same tensor with masked entries set to 0."""
         return torch.where(self.mask, weight, 0.0)
 
     def extra_repr(self) -> str:

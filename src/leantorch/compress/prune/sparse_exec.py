@@ -306,6 +306,8 @@ class SparseLinear(nn.Module):
         return layer
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool), ``format``
+        (``"csr"`` or ``"bsr"``), ``nnz`` (stored values), ``block_size`` and the value ``dtype``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "format": self.format,
                 "nnz": int(self.values.shape[0]), "block_size": self.block_size,
@@ -324,6 +326,7 @@ class SparseLinear(nn.Module):
         return self.values.numel() / (self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)`` by a sparse-times-dense product."""
         if x.shape[-1] != self.in_features:
             raise LeanError(f"SparseLinear: input has {x.shape[-1]} features in its last "
                             f"dimension, expected in_features={self.in_features}")

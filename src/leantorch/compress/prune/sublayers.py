@@ -54,9 +54,12 @@ class ZeroBranch(nn.Module):
         self.returns, self.length = returns, int(length)
 
     def spec(self) -> dict[str, Any]:
+        """``{"returns": "tensor" or "tuple", "length": tuple length}``."""
         return {"returns": self.returns, "length": self.length}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``hidden_states (..., dim)`` (by keyword, else the first floating tensor argument) ->
+        zeros ``(..., dim)``, or ``(zeros, None, ...)`` of ``length`` when ``returns="tuple"``."""
         hidden = kwargs.get("hidden_states")
         if hidden is None:
             hidden = next(t for t in tree_flatten((args, kwargs))[0]

@@ -137,13 +137,18 @@ class Float32Island(nn.Module):
         self.compute_dtype = _dtype_name(_check_dtype("Float32Island", compute_dtype))
 
     def spec(self) -> dict[str, Any]:
+        """``{"module": the wrapped module's architecture (a nested spec), "compute_dtype": the
+        dtype name outputs are cast back to}``."""
         return {"module": architecture(self.module), "compute_dtype": self.compute_dtype}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Float32Island:
+        """Rebuild the island from :meth:`spec`'s dict (the wrapped module with fresh weights)."""
         return cls(build(spec["module"]), spec["compute_dtype"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module with every bf16/fp16 tensor argument cast to float32 and cast its
+        floating outputs to ``compute_dtype``; shapes are the wrapped module's."""
         args, kwargs = _to_float32(args), _to_float32(kwargs)
         return _to_dtype(self.module(*args, **kwargs), _DTYPES[self.compute_dtype])
 
