@@ -176,6 +176,19 @@ def svd(
     choose the rank). Layers whose factors would not be smaller are skipped, with the reason in
     ``change.skipped``; ``change.details[path]`` has the rank and the energy kept.
 
+    Args:
+        rank: the same rank ``r`` for every layer (at most ``min(in, out)``). Exactly one of
+            ``rank``, ``energy`` and ``param_ratio`` is given.
+        energy: per layer, the smallest ``r`` whose singular values keep this fraction of
+            ``sum(s^2)``, in (0, 1].
+        param_ratio: per layer, the largest ``r`` whose two factors hold at most this
+            fraction of the dense weight's entries (at least 1), in (0, 1].
+        activation_aware: truncate the SVD of the weight whitened by the layer's calibration
+            inputs (SVD-LLM), minimising the output error on them; needs ``calibration``.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+
     Example::
 
         >>> small, change = lowrank(model, param_ratio=0.5, exclude="*classifier*")  # doctest: +SKIP
