@@ -75,82 +75,18 @@ def test_an_unknown_attribute_is_an_attribute_error():
 
 # --------------------------------------------------------------------------- docstrings
 
-# Rooms other helpers own this round (issue 13): their missing docstrings are listed here by
-# name and closed by whoever owns the room. The list only shrinks: an entry that gained a
-# docstring (or moved) fails test_known_gaps_are_still_gaps until it is removed.
-OTHER_ROOMS = ("leantorch.compress.", "leantorch.nn.attention.", "leantorch.ops.attention.",
-               "leantorch.nn.moe.", "leantorch.ops.moe.")
+# Every public name has a docstring, except in the KV cache, which another helper is reworking
+# this round (issue 13: a quantized KV store) and documents when done. The list only shrinks: an
+# entry that gained a docstring (or moved) fails test_known_gaps_are_still_gaps until it is
+# removed; a new gap anywhere fails test_public_api_has_docstrings.
+OTHER_ROOMS = ("leantorch.nn.attention.cache.",)
 KNOWN_GAPS = frozenset({
-    "leantorch.compress.change.Change.to_dict",
-    "leantorch.compress.change.CostSummary.to_dict",
-    "leantorch.compress.graph.DependencyGraph.describe",
-    "leantorch.compress.graph.DependencyGraph.shape",
-    "leantorch.compress.graph.DependencyGraph.size_of",
-    "leantorch.compress.graph.DependencyGraph.term_of",
-    "leantorch.compress.lowrank.LowRankLinear.forward",
-    "leantorch.compress.lowrank.LowRankLinear.spec",
-    "leantorch.compress.moefy.FFNSite.dim",
-    "leantorch.compress.moefy.FFNSite.hidden",
-    "leantorch.compress.prune.lottery.LotteryResult.to_dict",
-    "leantorch.compress.prune.lottery.RoundResult.density",
-    "leantorch.compress.prune.lottery.RoundResult.to_dict",
-    "leantorch.compress.prune.masks.WeightMask.forward",
-    "leantorch.compress.prune.masks.WeightMask.spec",
-    "leantorch.compress.prune.sparse_exec.SparseLinear.forward",
-    "leantorch.compress.prune.sparse_exec.SparseLinear.spec",
-    "leantorch.compress.prune.sublayers.ZeroBranch.forward",
-    "leantorch.compress.prune.sublayers.ZeroBranch.spec",
-    "leantorch.compress.quant.modules.FakeQuantLinear.forward",
-    "leantorch.compress.quant.modules.FakeQuantLinear.from_linear",
-    "leantorch.compress.quant.modules.FakeQuantLinear.spec",
-    "leantorch.compress.quant.modules.Int8DynamicLinear.forward_reference",
-    "leantorch.compress.quant.modules.Int8DynamicLinear.from_linear",
-    "leantorch.compress.quant.modules.Int8DynamicLinear.spec",
-    "leantorch.compress.quant.modules.LLMInt8Linear.forward_reference",
-    "leantorch.compress.quant.modules.LLMInt8Linear.from_linear",
-    "leantorch.compress.quant.modules.LLMInt8Linear.reset_statistics",
-    "leantorch.compress.quant.modules.LLMInt8Linear.spec",
-    "leantorch.compress.quant.modules.TernaryLinear.codes",
-    "leantorch.compress.quant.modules.TernaryLinear.forward_reference",
-    "leantorch.compress.quant.modules.TernaryLinear.from_linear",
-    "leantorch.compress.quant.modules.TernaryLinear.spec",
-    "leantorch.compress.quant.modules.WeightOnlyLinear.forward",
-    "leantorch.compress.quant.modules.WeightOnlyLinear.forward_reference",
-    "leantorch.compress.quant.modules.WeightOnlyLinear.from_linear",
-    "leantorch.compress.quant.modules.WeightOnlyLinear.spec",
-    "leantorch.compress.recipe.Calibration.from_dict",
-    "leantorch.compress.recipe.Finetune.from_dict",
-    "leantorch.compress.recipe.Recipe.from_dict",
-    "leantorch.compress.recipe.Recipe.to_dict",
-    "leantorch.compress.recipe.RecipeResult.fidelity",
-    "leantorch.compress.recipe.RecipeResult.passed",
-    "leantorch.compress.recipe.RecipeResult.to_dict",
-    "leantorch.compress.recipe.Stage.to_dict",
-    "leantorch.compress.recipe.Step.from_dict",
-    "leantorch.compress.recipe.Step.label",
-    "leantorch.compress.recipe.Step.to_dict",
-    "leantorch.compress.registry.transform_names",
-    "leantorch.compress.verify.Fidelity.to_dict",
-    "leantorch.compress.verify.Gate.to_dict",
     "leantorch.nn.attention.cache.KVBuffer.capacity",
     "leantorch.nn.attention.cache.KVBuffer.metadata_nbytes",
     "leantorch.nn.attention.cache.KVBuffer.valid_scores",
     "leantorch.nn.attention.cache.KVCache.is_static",
     "leantorch.nn.attention.cache.LayerCache.nbytes",
     "leantorch.nn.attention.cache.LayerCache.state_nbytes",
-    "leantorch.nn.attention.rotary.RotaryEmbedding.forward",
-    "leantorch.nn.moe.experts.FeedForward.forward",
-    "leantorch.nn.moe.experts.FeedForward.spec",
-    "leantorch.nn.moe.experts.StackedExperts.forward",
-    "leantorch.nn.moe.experts.StackedExperts.params_per_expert",
-    "leantorch.nn.moe.experts.StackedExperts.reset_parameters",
-    "leantorch.nn.moe.experts.StackedExperts.spec",
-    "leantorch.nn.moe.layer.MoE.forward",
-    "leantorch.nn.moe.layer.MoE.spec",
-    "leantorch.nn.moe.layer.MoE.total_experts",
-    "leantorch.nn.moe.router.Router.spec",
-    "leantorch.ops.moe.dispatch.DispatchPlan.counts_list",
-    "leantorch.ops.moe.routing.Routing.num_assignments",
 })
 
 

@@ -53,10 +53,36 @@ def test_int8_weight_knobs_by_hand():
         ("exclude", "Patterns", False, None),
     ]
     docs = {k.name: k.doc for k in info.knobs}
-    assert docs["group_size"] == "input features per scale (None: one scale per output channel)"
+    assert docs["group_size"] == "input features per scale (None: one scale per output channel)."
     assert docs["symmetric"].startswith("codes in [-127, 127] times a scale")
     assert not info.uses_calibration and not info.has_check
     assert info.summary.startswith("Replace Linear layers by 8-bit weight-only")
+
+
+def _args_section(docstring: str) -> str:
+    """The ``Args:`` header and its indented lines, up to the next unindented line."""
+    lines = inspect.cleandoc(docstring).splitlines()
+    start = lines.index("Args:")
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].strip() and not lines[i].startswith(" ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_every_knob_of_every_transform_has_a_doc_in_an_args_section():
+    undocumented, outside_args = [], []
+    for info in transforms():
+        in_section = argument_docs(_args_section(get_transform(info.name).__doc__ or "Args:"))
+        for knob in info.knobs:
+            if len(knob.doc.split()) < 2:  # empty, or a bare word that explains nothing
+                undocumented.append(f"{info.name}.{knob.name}")
+            elif in_section.get(knob.name) != knob.doc:
+                outside_args.append(f"{info.name}.{knob.name}")
+    assert undocumented == [], "knobs without a doc (see `leantorch transforms`)"
+    assert outside_args == [], "knobs documented outside the Args: section"
+    # the parse is the one `leantorch transforms` prints: two entries by hand
+    nm = {k.name: k.doc for k in describe_transform("prune.nm").knobs}
+    assert nm["n"].startswith("weights kept in every group of ``m`` (1 <= n <= m")
+    assert nm["m"].startswith("group length along the input dimension; a layer whose")
 
 
 def test_lowrank_reads_calibration_and_has_a_check():

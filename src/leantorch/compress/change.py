@@ -48,6 +48,8 @@ class CostSummary:
     bytes: int | None = None  # forward bytes read + written
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"params", "param_bytes", "flops", "macs", "bytes"}``: the counts (the last three None
+        when measured without example inputs)."""
         return asdict(self)
 
 
@@ -111,6 +113,8 @@ class Change:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the fields ``transform``, ``params`` (the arguments), ``replaced``,
+        ``skipped``, ``before``/``after`` (:meth:`CostSummary.to_dict` or None) and ``details``."""
         return {
             "transform": self.transform,
             "params": _jsonable(self.params),

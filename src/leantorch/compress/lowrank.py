@@ -50,10 +50,13 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias)
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``rank`` and ``bias`` (whether
+        ``up`` has one)."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "bias": self.up.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)`` through ``(..., rank)``."""
         return self.up(self.down(x))
 
     def weight(self) -> torch.Tensor:
@@ -172,6 +175,19 @@ def svd(
     """Factorise the selected Linear layers (see the module docstring for the three ways to
     choose the rank). Layers whose factors would not be smaller are skipped, with the reason in
     ``change.skipped``; ``change.details[path]`` has the rank and the energy kept.
+
+    Args:
+        rank: the same rank ``r`` for every layer (at most ``min(in, out)``). Exactly one of
+            ``rank``, ``energy`` and ``param_ratio`` is given.
+        energy: per layer, the smallest ``r`` whose singular values keep this fraction of
+            ``sum(s^2)``, in (0, 1].
+        param_ratio: per layer, the largest ``r`` whose two factors hold at most this
+            fraction of the dense weight's entries (at least 1), in (0, 1].
+        activation_aware: truncate the SVD of the weight whitened by the layer's calibration
+            inputs (SVD-LLM), minimising the output error on them; needs ``calibration``.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
 
     Example::
 

@@ -116,6 +116,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, value: Any) -> Calibration:
+        """Parse a recipe's ``calibration`` mapping (``samples``, ``batch_size``, ``seq_len``,
+        ``holdout``; missing keys take the defaults); LeanError naming a bad key or value."""
         where = "recipe.calibration"
         d = _keys(where, value, ("samples", "batch_size", "seq_len", "holdout"))
         return cls(
@@ -146,6 +148,9 @@ class Finetune:
 
     @classmethod
     def from_dict(cls, value: Any) -> Finetune:
+        """Parse a ``finetune`` mapping (``steps``, ``lr``, ``loss``, ``weight_decay``,
+        ``validation``, ``eval_every``, ``patience``, ``l2sp``; missing keys take the defaults);
+        LeanError naming a bad key or value."""
         where = "recipe.finetune"
         d = _keys(where, value, ("steps", "lr", "loss", "weight_decay", "validation",
                                  "eval_every", "patience", "l2sp"))
@@ -186,6 +191,8 @@ class Step:
 
     @classmethod
     def from_dict(cls, index: int, value: Any) -> Step:
+        """Parse step ``index`` of a recipe: ``{"transform": name, "args": {...}}`` (the transform
+        and its arguments checked against the registry) or ``{"finetune": {...}}``."""
         where = f"recipe.steps[{index}]"
         d = _keys(where, value, ("transform", "args", "finetune"))
         if ("transform" in d) == ("finetune" in d):
@@ -203,11 +210,14 @@ class Step:
 
     @property
     def label(self) -> str:
+        """The transform's name, or ``"fine-tune (N steps)"``."""
         if self.finetune is not None:
             return f"fine-tune ({self.finetune.steps} steps)"
         return str(self.transform)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"transform": name, "args": {...}}``, or ``{"finetune": the Finetune fields}``: what
+        :meth:`from_dict` reads back."""
         if self.finetune is not None:
             return {"finetune": asdict(self.finetune)}
         return {"transform": self.transform, "args": dict(self.args)}
@@ -333,6 +343,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, value: Any) -> Recipe:
+        """Parse and check a whole recipe mapping (``name`` and ``steps`` required; ``description``,
+        ``calibration``, ``finetune``, ``gates``, ``task`` optional); LeanError naming the bad
+        key or value."""
         d = _keys("recipe", value, ("name", "description", "calibration", "steps", "finetune",
                                     "gates", "task"), required=("name", "steps"))
         steps = d["steps"]
@@ -393,6 +406,8 @@ class Recipe:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"name", "description", "calibration", "steps", "finetune", "gates", "task"}`` with
+        every part as a plain dict or list: what :meth:`from_dict` reads back."""
         return {
             "name": self.name,
             "description": self.description,
@@ -456,6 +471,9 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict would deep-copy the model
+        """JSON-ready dict of the stage: ``label``, ``params``, ``param_bytes``, ``flops``,
+        ``macs``, ``latency_ms``, ``latency`` (quartiles in ms), ``speedup``, ``fidelity`` and
+        ``fidelity_ood`` (None where not measured); the model is left out."""
         return {
             "label": self.label, "params": self.params, "param_bytes": self.param_bytes,
             "flops": self.flops, "macs": self.macs, "latency_ms": self.latency_ms,
@@ -493,13 +511,18 @@ class RecipeResult:
 
     @property
     def passed(self) -> bool:
+        """True when no gate failed."""
         return not self.failures
 
     @property
     def fidelity(self) -> Fidelity | None:
+        """The last stage's fidelity (None when it was not verified)."""
         return self.stages[-1].fidelity
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready report: ``source``, ``recipe`` (:meth:`Recipe.to_dict`), ``passed``,
+        ``failures``, ``threads``, ``machine``, ``timing``, ``stages``, ``changes``,
+        ``finetune_loss`` (first, last, steps; or None), ``finetunes`` and ``ood_source``."""
         return {
             "source": self.source,
             "recipe": self.recipe.to_dict(),

@@ -54,6 +54,7 @@ class Fidelity:
         return self.metrics[name]
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"task", "samples", "metrics": {metric name: value}}``."""
         return {"task": self.task, "samples": self.samples, "metrics": dict(self.metrics)}
 
     def __str__(self) -> str:
@@ -86,6 +87,8 @@ class Gate:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"metric", "min", "max"}``, leaving out whichever bound is None (the
+        form a recipe's ``gates`` list takes)."""
         return {k: v for k, v in (("metric", self.metric), ("min", self.min), ("max", self.max))
                 if v is not None}
 

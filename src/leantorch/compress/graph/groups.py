@@ -368,6 +368,7 @@ class DependencyGraph:
         return list(dict.fromkeys(m.tensor for m in self._members))
 
     def shape(self, tensor: str) -> tuple[int, ...]:
+        """The shape of the state-dict tensor called ``tensor``."""
         return self._shapes[tensor]
 
     def _group_of_root(self, root: int) -> Group | None:
@@ -381,9 +382,13 @@ class DependencyGraph:
         return int(self._keep(term, removed).numel())
 
     def size_of(self, term: Term) -> int:
+        """Length of the axis ``term`` describes (product of factors,
+        sum of concatenated parts)."""
         return self._dims.size(term)
 
     def term_of(self, tensor: str, dim: int) -> Term:
+        """The term describing dimension ``dim`` of ``tensor`` (a state-dict name or an alias of
+        it); LeanError when the graph does not follow that dimension."""
         return self._member(tensor, dim).term
 
     def outer_atom_group(self, term: Term) -> tuple[int | None, int]:
@@ -411,6 +416,8 @@ class DependencyGraph:
         return list(self._norms)
 
     def describe(self, prunable: bool | None = None) -> str:
+        """One line per group (``prunable``: True only the prunable ones, False only the blocked
+        ones, None all), joined by newlines."""
         return "\n".join(str(g) for g in self.groups(prunable))
 
     def __str__(self) -> str:

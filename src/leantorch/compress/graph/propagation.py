@@ -70,6 +70,8 @@ class Propagator:
 
     # ---- helpers
     def value(self, arg: Any) -> Any:
+        """The terms propagated for ``arg``: a node's recorded value, the same structure for a list
+        or tuple of nodes, None for anything else (constants)."""
         if isinstance(arg, torch.fx.Node):
             return self.values.get(arg)
         if isinstance(arg, list | tuple):
@@ -77,9 +79,13 @@ class Propagator:
         return None
 
     def fresh(self, shape: Sequence[int], blocked: str | None = None) -> list[Term]:
+        """One new atom per entry of ``shape`` (``ONE`` for size 1), blocked
+        for ``blocked`` if given."""
         return [self.dims.new(s, blocked) for s in shape]
 
     def fresh_like(self, val: Any, blocked: str | None = None) -> Any:
+        """Fresh terms shaped like ``val`` (a tensor, or nested lists/tuples of tensors; None for
+        non-tensors), blocked for ``blocked`` if given."""
         if isinstance(val, torch.Tensor):
             return self.fresh(shape_of(val), blocked)
         if isinstance(val, list | tuple):
@@ -87,6 +93,8 @@ class Propagator:
         return None
 
     def block_value(self, value: Any, reason: str) -> None:
+        """Block every term in ``value`` (a term list or nested lists/tuples of them) for
+        ``reason``: those axes may not be cut."""
         if value is None:
             return
         if isinstance(value, list) and value and is_term(value[0]):
@@ -98,6 +106,8 @@ class Propagator:
                 self.block_value(v, reason)
 
     def unify(self, a: Term, b: Term, why: str) -> None:
+        """Record that terms ``a`` and ``b`` are the same axis (``why`` is
+        kept for the explanation of a group)."""
         self.dims.unify(a, b, why)
 
     # ---- main loop
@@ -175,6 +185,8 @@ class Propagator:
         return outputs
 
     def call(self, node: torch.fx.Node, val: Any) -> Any:
+        """The output terms of the ``call_function`` node ``node`` (``val``: its traced value): by
+        its rule, as a pass-through, factory or pointwise op, else opaque (its axes blocked)."""
         target = node.target
         if target is operator.getitem:
             source = self.value(node.args[0])
@@ -211,6 +223,8 @@ class Propagator:
         return self.fresh_like(val, reason)
 
     def pass_through(self, node: torch.fx.Node, val: Any) -> Any:
+        """The first argument's terms for an op whose output has the same axes (clone, dropout...);
+        fresh terms when the ranks differ or the input is not followed."""
         source = self.value(node.args[0])
         shape = shape_of(val)
         if source is None or shape is None or len(source) != len(shape):
@@ -218,6 +232,8 @@ class Propagator:
         return list(source)
 
     def broadcast(self, node: torch.fx.Node, val: Any, where: str) -> list[Term] | None:
+        """Output terms of a pointwise op: the tensor operands' terms broadcast to ``val``'s shape,
+        equal axes unified (``where`` names the op in the reasons)."""
         shape = shape_of(val)
         if shape is None:
             return self.fresh_like(val)
@@ -227,6 +243,8 @@ class Propagator:
 
     def broadcast_terms(self, operands: list[list[Term]], shape: Sequence[int],
                         where: str) -> list[Term]:
+        """Broadcast ``operands`` (term lists, right-aligned) to ``shape``: size-1 axes are
+        ``ONE``, axes two operands share are unified, the rest are fresh."""
         out: list[Term | None] = [ONE if s == 1 else None for s in shape]
         for operand in operands:
             offset = len(shape) - len(operand)

@@ -43,6 +43,8 @@ _NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._Bat
 
 
 def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer: torch's layer, RMS, group, batch or
+    instance norm, or any class with ``Norm`` in its name (transformers' own norms)."""
     return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
 
 

@@ -126,6 +126,7 @@ class Dims:
         return Atom(atom)
 
     def find(self, atom: int) -> int:
+        """The root of ``atom``'s union-find class (with path halving)."""
         parent = self.parent
         while parent[atom] != atom:
             parent[atom] = parent[parent[atom]]
@@ -148,6 +149,8 @@ class Dims:
         raise TypeError(f"not a term: {term!r}")
 
     def size(self, term: Term) -> int:
+        """Length of the axis ``term`` describes: an atom's size, the product of a
+        product's factors, the sum of a sum's parts."""
         match term:
             case Atom(index):
                 return self.sizes[index]
@@ -169,18 +172,24 @@ class Dims:
 
     # ---- facts
     def block(self, term: Term, reason: str) -> None:
+        """Mark the root atoms of ``term`` as not cuttable for ``reason`` (at most a
+        few distinct reasons are kept per atom)."""
         for root in self.atoms(term):
             reasons = self.blocked.setdefault(root, [])
             if reason not in reasons and len(reasons) < _MAX_REASONS:
                 reasons.append(reason)
 
     def mark_inexact(self, term: Term, reason: str) -> None:
+        """Record ``reason`` on the root atoms of ``term``: cutting them changes the model's output
+        beyond the removed units (kept, like block reasons, a few per atom)."""
         for root in self.atoms(term):
             reasons = self.inexact.setdefault(root, [])
             if reason not in reasons and len(reasons) < _MAX_REASONS:
                 reasons.append(reason)
 
     def tag(self, term: Term, label: str) -> None:
+        """Attach the label ``label`` to the root atoms of ``term`` (for example
+        ``"broadcast"`` on repeated key heads)."""
         for root in self.atoms(term):
             self.tags.setdefault(root, set()).add(label)
 

@@ -144,6 +144,9 @@ def export_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def untraceable(model: nn.Module, stack: list[str], error: Exception) -> LeanError:
+    """The LeanError for a ``torch.export`` failure ``error``: names the innermost module on
+    ``stack`` being traced when it failed and how to get past it (a leaf module, or a
+    traceable forward)."""
     first = " ".join(str(error).split())[:300]
     if stack:
         path = stack[-1]

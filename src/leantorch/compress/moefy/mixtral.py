@@ -28,11 +28,16 @@ def convert_mixtral(
     inplace: bool = False,
     **moe_args: Any,
 ) -> tuple[nn.Module, Change]:
-    """Replace every ``MixtralSparseMoeBlock`` of a transformers model (selected by path globs
-    ``include`` / ``exclude``) with an equivalent :class:`~leantorch.nn.moe.MoE`; ``moe_args``
-    go to :func:`~leantorch.nn.moe.from_mixtral`. ``calibration`` is accepted (recipes pass
-    it to every transform) and not used: the conversion copies weights. Returns ``(new_model, Change)``; the caller's
-    model is untouched unless ``inplace``.
+    """Replace every ``MixtralSparseMoeBlock`` of a transformers model with an equivalent
+    :class:`~leantorch.nn.moe.MoE`; ``moe_args`` go to :func:`~leantorch.nn.moe.from_mixtral`.
+    ``calibration`` is accepted (recipes pass it to every transform) and not used: the
+    conversion copies weights. Returns ``(new_model, Change)``; the caller's model is
+    untouched unless ``inplace``.
+
+    Args:
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            MoE blocks matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
 
     Example::
 

@@ -72,10 +72,12 @@ class FFNSite:
 
     @property
     def dim(self) -> int:
+        """Model width: the rows of ``w_in``."""
         return self.w_in.shape[0]
 
     @property
     def hidden(self) -> int:
+        """The FFN's hidden width: the rows of ``w_out``."""
         return self.w_out.shape[0]
 
     def hidden_units(self, x: Tensor) -> Tensor:

@@ -239,12 +239,25 @@ def split(
     **moe_args: Any,
 ) -> tuple[nn.Module, Change]:
     """Split every selected dense FFN exactly into ``num_experts`` experts of which ``k`` run
-    per token (see the module docstring). ``partition``: ``"cluster"``, ``"random"`` or
-    ``"contiguous"``; ``router``: ``"calibrated"`` (fitted on ``calibration``) or ``"random"``.
-    ``moe_args`` go to :class:`~leantorch.nn.moe.MoE` (e.g. ``capacity_factor``). The FFNs
-    are found by tracing the model on ``example_inputs`` (default: the first calibration batch;
-    see :func:`~leantorch.compress.moefy.find_ffns`); ``change.skipped`` lists the FFN-shaped
-    layers left alone, with the reason.
+    per token (see the module docstring). ``moe_args`` go to :class:`~leantorch.nn.moe.MoE`
+    (e.g. ``capacity_factor``). The FFNs are found by tracing the model on ``example_inputs``
+    (default: the first calibration batch; see :func:`~leantorch.compress.moefy.find_ffns`);
+    ``change.skipped`` lists the FFN-shaped layers left alone, with the reason.
+
+    Args:
+        num_experts: experts per FFN: the hidden units are cut into this many groups of
+            ``ceil(hidden / num_experts)`` (at most ``hidden``).
+        k: experts each token runs (``k == num_experts`` reproduces the dense FFN).
+        partition: ``"cluster"``, ``"random"`` or ``"contiguous"``.
+        router: ``"calibrated"`` (fitted on ``calibration``) or ``"random"``.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            FFNs matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+        seed: seeds the random partition, the k-means start and the random router.
+        max_tokens: calibration tokens per FFN used to cluster the neurons and fit the router
+            (the first ones seen).
+        ridge: the router fit's ridge penalty, relative to the mean diagonal of the inputs'
+            Gram matrix.
 
     ``change.details[path]``: the expert size, the partition sizes and, with calibration, the
     router's recall (share of the best-k contribution mass its choice keeps) and the relative

@@ -82,7 +82,19 @@ def upcycle(
     :class:`~leantorch.nn.moe.MoE`. The FFNs are found by tracing the model on
     ``example_inputs`` (default: the first ``calibration`` batch; only leantorch
     ``FeedForward`` modules are found without either). Upcycling itself looks at weights
-    only."""
+    only.
+
+    Args:
+        num_experts: copies of each FFN.
+        k: experts each token runs; their gates sum to one.
+        noise: relative std of a seeded multiplicative perturbation of each copy's weights
+            (0: exact copies, the model's outputs unchanged).
+        router_std: std of the new router's normal initial weights.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            FFNs matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+        seed: seeds the router and the noise (the FFN at position ``i`` uses ``seed + i``).
+    """
     check_k("moefy.upcycle", num_experts, k)
 
     def edit(target: nn.Module, change: Change) -> None:

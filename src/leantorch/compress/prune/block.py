@@ -134,16 +134,27 @@ def block(
     inplace: bool = False,
 ) -> tuple[nn.Module, Change]:
     """Zero whole ``block_size x block_size`` tiles of every selected layer's weight matrix.
-
-    ratio: fraction of tiles (so of weights) removed, exactly ``round(ratio * tiles)`` per layer
-    (``scope="layer"``), per block row (``"row"``) or over all layers (``"global"``); 0 is the
-    identity. importance: ``"l1"``, ``"l2"`` or ``"taylor"``: the first-order Taylor saliency
-    of :func:`leantorch.compress.prune.importance.taylor_saliency` (the one structured pruning
-    uses), ``sum over calibration batches of (sum over the tile of w * dL/dw)^2``; it needs
-    ``calibration`` (a list of model inputs). ``loss_fn(output, batch) -> scalar`` gives the
-    loss; without it the model's own ``.loss`` (batches with labels), else a fixed random
-    projection of the output drawn from ``seed``.
     Tiles already fully masked are pruned first, so repeated calls nest.
+
+    Args:
+        ratio: fraction of tiles (so of weights) removed, exactly ``round(ratio * tiles)`` per
+            layer, per block row or over all layers (see ``scope``); 0 is the identity.
+        block_size: side of the square tiles; a layer whose weight matrix is not a multiple of
+            it on both sides is skipped, with the reason in ``change.skipped``.
+        importance: ``"l1"``, ``"l2"`` or ``"taylor"``: the first-order Taylor saliency of
+            :func:`leantorch.compress.prune.importance.taylor_saliency` (the one structured
+            pruning uses), ``sum over calibration batches of (sum over the tile of w *
+            dL/dw)^2``; it needs ``calibration`` (a list of model inputs).
+        scope: where the ``round(ratio * tiles)`` count applies: ``"layer"`` (each layer),
+            ``"row"`` (each block row of each layer) or ``"global"`` (one ranking over all
+            selected layers).
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear / Conv layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+        loss_fn: ``loss_fn(output, batch) -> scalar``, the loss ``"taylor"`` differentiates;
+            without it the model's own ``.loss`` (batches with labels), else a fixed random
+            projection of the output drawn from ``seed``.
+        seed: seeds that random projection (``"taylor"`` only).
     """
     ratio = validate.ratio("prune.block", "ratio", ratio, include_high=True)
     block_size = validate.positive_int("prune.block", "block_size", block_size)

@@ -197,9 +197,13 @@ class RoundResult:
 
     @property
     def density(self) -> float:
+        """Fraction of the prunable weights still kept: ``kept / total`` (1.0
+        when there are none)."""
         return self.kept / self.total if self.total else 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"round", "kept", "total", "density", "metrics", "control_metrics"}`` (metrics as the
+        evaluation function returned them)."""
         return {"round": self.round, "kept": self.kept, "total": self.total,
                 "density": self.density, "metrics": self.metrics,
                 "control_metrics": self.control_metrics}
@@ -216,6 +220,8 @@ class LotteryResult:
     history: list[RoundResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"history": [RoundResult.to_dict() per round]}``: the model and rewind weights are
+        left out."""
         return {"history": [r.to_dict() for r in self.history]}
 
 

@@ -60,9 +60,11 @@ class WeightMask(nn.Module):
         self.register_buffer("mask", torch.ones(tuple(shape), dtype=torch.bool))
 
     def spec(self) -> dict[str, Any]:
+        """``{"shape": the mask's (and weight's) shape as a list}``."""
         return {"shape": list(self.mask.shape)}
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the mask's shape) -> the same tensor with masked entries set to 0."""
         return torch.where(self.mask, weight, 0.0)
 
     def extra_repr(self) -> str:
@@ -306,11 +308,17 @@ def magnitude(
 ) -> tuple[nn.Module, Change]:
     """Unstructured magnitude pruning: mask the smallest ``|w|`` of every Linear / Conv weight.
 
-    ratio: fraction of weights removed, ``round(ratio * n)`` exactly (0 leaves the model as it
-    is, with no parametrization). scope: ``"layer"`` (every layer loses ``ratio`` of its
-    weights) or ``"global"`` (one threshold over all selected layers). An already-masked weight
-    keeps its mask and loses more entries until it reaches the target; a layer already sparser
-    than the target is left as it is. Biases are never pruned.
+    An already-masked weight keeps its mask and loses more entries until it reaches the
+    target; a layer already sparser than the target is left as it is. Biases are never pruned.
+
+    Args:
+        ratio: fraction of weights removed, ``round(ratio * n)`` exactly (0 leaves the model as
+            it is, with no parametrization).
+        scope: ``"layer"`` (every layer loses ``ratio`` of its weights) or ``"global"`` (one
+            threshold over all selected layers).
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear / Conv layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
     """
     ratio = validate.ratio("prune.magnitude", "ratio", ratio, include_high=True)
     _check_scope("prune.magnitude", scope, ("layer", "global"))
@@ -358,7 +366,13 @@ def make_permanent(
     """Bake every :class:`WeightMask` in: the parametrization is removed and the weight becomes
     a plain ``nn.Parameter`` that is 0 where the mask was False. Outputs are unchanged; the
     optimiser can revive the zeros from here on. Other parametrizations stacked on the same
-    weight are baked in with it (``remove_parametrizations`` works per tensor)."""
+    weight are baked in with it (``remove_parametrizations`` works per tensor).
+
+    Args:
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            masked layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
 
     def edit(target: nn.Module, change: Change) -> None:
         for path, module in _select(target, include, exclude):

@@ -77,7 +77,17 @@ def nm(
     """Mask every Linear / Conv weight to the N:M pattern (keep the ``n`` largest ``|w|`` of
     every ``m`` along the input dimension). ``n == m`` is the identity (ratio 0). On an already
     masked weight the ranking is over survivors, so a group that had fewer than ``n`` left
-    keeps fewer."""
+    keeps fewer.
+
+    Args:
+        n: weights kept in every group of ``m`` (1 <= n <= m; 2 for the 2:4 sparse tensor
+            cores).
+        m: group length along the input dimension; a layer whose input size is not a
+            multiple of it is skipped, with the reason in ``change.skipped``.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear / Conv layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     n, m = check_nm("prune.nm", n, m)
 
     def edit(target: nn.Module, change: Change) -> None:

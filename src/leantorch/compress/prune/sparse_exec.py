@@ -306,6 +306,8 @@ class SparseLinear(nn.Module):
         return layer
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool), ``format``
+        (``"csr"`` or ``"bsr"``), ``nnz`` (stored values), ``block_size`` and the value ``dtype``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "format": self.format,
                 "nnz": int(self.values.shape[0]), "block_size": self.block_size,
@@ -324,6 +326,7 @@ class SparseLinear(nn.Module):
         return self.values.numel() / (self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)`` by a sparse-times-dense product."""
         if x.shape[-1] != self.in_features:
             raise LeanError(f"SparseLinear: input has {x.shape[-1]} features in its last "
                             f"dimension, expected in_features={self.in_features}")
@@ -372,16 +375,23 @@ def make_sparse(
 ) -> tuple[nn.Module, Change]:
     """Replace every selected Linear (and transformers ``Conv1D``) by a :class:`SparseLinear`
     holding its non-zero weights (a masked weight is taken as masked), where sparse execution
-    pays.
+    pays. Layers left dense are listed in ``Change.skipped`` with the reason; convolutions
+    are not converted.
 
-    format: ``"csr"`` or ``"bsr"`` (tiles of ``block_size``; both weight sides must be
-    multiples). min_sparsity: leave a layer dense when fewer than this fraction of its weights
-    (CSR) or tiles (BSR) are zero; None (default) takes the format's measured break-even,
-    :data:`BREAK_EVEN_SPARSITY` (0.85 for CSR, 0.80 for BSR, from
-    ``benchmarks/results/sparse_matmul.json``), so a dense layer is not swapped for a slower
-    sparse one. force: convert every eligible layer whatever its sparsity (for tests, or a
-    machine measured to break even sooner); not together with ``min_sparsity``. Layers left
-    dense are listed in ``Change.skipped`` with the reason; convolutions are not converted.
+    Args:
+        format: ``"csr"`` or ``"bsr"`` (tiles of ``block_size``; both weight sides must be
+            multiples).
+        block_size: side of the square BSR tiles (unused with ``"csr"``).
+        min_sparsity: leave a layer dense when fewer than this fraction of its weights (CSR)
+            or tiles (BSR) are zero; None (default) takes the format's measured break-even,
+            :data:`BREAK_EVEN_SPARSITY` (0.85 for CSR, 0.80 for BSR, from
+            ``benchmarks/results/sparse_matmul.json``), so a dense layer is not swapped for a
+            slower sparse one.
+        force: convert every eligible layer whatever its sparsity (for tests, or a machine
+            measured to break even sooner); not together with ``min_sparsity``.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are changed (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
     """
     if format not in FORMATS:
         raise LeanError(f"prune.make_sparse: format must be one of {', '.join(FORMATS)}, got "

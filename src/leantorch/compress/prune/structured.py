@@ -280,6 +280,8 @@ def structured(
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"`` (see
             :func:`leantorch.compress.prune.importance.taylor_saliency`; a callable of another
             arity is refused).
+        seed: seeds the ``"random"`` scores and the random output projection ``"taylor"``
+            differentiates when neither ``loss_fn`` nor the model's ``.loss`` applies.
         example_inputs: inputs to trace the model on (default: the first calibration batch).
         calibration: model inputs for ``"taylor"`` (a list of tuples or dicts).
         ignore: the old name of ``exclude``, accepted for one release with a

@@ -54,9 +54,12 @@ class ZeroBranch(nn.Module):
         self.returns, self.length = returns, int(length)
 
     def spec(self) -> dict[str, Any]:
+        """``{"returns": "tensor" or "tuple", "length": tuple length}``."""
         return {"returns": self.returns, "length": self.length}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``hidden_states (..., dim)`` (by keyword, else the first floating tensor argument) ->
+        zeros ``(..., dim)``, or ``(zeros, None, ...)`` of ``length`` when ``returns="tuple"``."""
         hidden = kwargs.get("hidden_states")
         if hidden is None:
             hidden = next(t for t in tree_flatten((args, kwargs))[0]
@@ -161,11 +164,20 @@ def sublayers(
 ) -> tuple[nn.Module, Change]:
     """Greedily remove ``count`` sublayers (or ``ratio`` of the candidates), each time the one
     whose removal changes the calibration outputs least (FinerCut).
+    ``change.details["order"]`` lists the removals with the output distance after each.
 
-    ``kinds``: "attention", "mlp", "block" (a convolutional residual block with an identity
-    shortcut). ``include`` / ``exclude``: ``fnmatch`` globs over the sublayers' module paths
-    (as every transform's), keeping the candidates that match an ``include`` pattern (all
-    when None) and no ``exclude`` pattern. ``change.details["order"]`` lists the removals with the output distance after each.
+    Args:
+        count: sublayers to remove. Exactly one of ``count`` and ``ratio`` is given.
+        ratio: fraction of the candidate sublayers to remove (rounded down), in [0, 1).
+        kinds: "attention", "mlp", "block" (a convolutional residual block with an identity
+            shortcut).
+        metric: how far the outputs move: ``"cosine"`` (mean ``1 - cosine`` over output
+            rows) or ``"mse"`` (mean squared error over the original output's mean square).
+        include: ``fnmatch`` globs over the sublayers' module paths (as every transform's);
+            candidates must match one (None: all).
+        exclude: globs of sublayer paths never removed.
+        leaf_modules: modules the dependency graph treats as black boxes when it finds the
+            sublayers (see ``build_graph``).
     """
     if (count is None) == (ratio is None):
         raise LeanError("prune.sublayers: give exactly one of count or ratio")

@@ -137,13 +137,18 @@ class Float32Island(nn.Module):
         self.compute_dtype = _dtype_name(_check_dtype("Float32Island", compute_dtype))
 
     def spec(self) -> dict[str, Any]:
+        """``{"module": the wrapped module's architecture (a nested spec), "compute_dtype": the
+        dtype name outputs are cast back to}``."""
         return {"module": architecture(self.module), "compute_dtype": self.compute_dtype}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Float32Island:
+        """Rebuild the island from :meth:`spec`'s dict (the wrapped module with fresh weights)."""
         return cls(build(spec["module"]), spec["compute_dtype"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module with every bf16/fp16 tensor argument cast to float32 and cast its
+        floating outputs to ``compute_dtype``; shapes are the wrapped module's."""
         args, kwargs = _to_float32(args), _to_float32(kwargs)
         return _to_dtype(self.module(*args, **kwargs), _DTYPES[self.compute_dtype])
 
@@ -469,16 +474,20 @@ def bf16(
 ) -> tuple[nn.Module, Change]:
     """Store and run ``model`` in bfloat16, with float32 islands.
 
-    include / exclude: globs over module paths selecting whose tensors are cast (default all);
-    a module left out keeps float32 and runs as an island. islands: globs over module class
-    names or paths of modules kept in float32 (default :data:`DEFAULT_ISLANDS`: norms and
-    softmax); ``"default"`` in the list stands for the defaults, ``[]`` means none.
-    attention: "sdpa" (default) switches transformers models running eager attention to sdpa
-    (float32 scores on a CPU, see the module doc); "keep" leaves them.
+    Args:
+        include: globs over module paths selecting whose tensors are cast (default all); a
+            module left out keeps float32 and runs as an island.
+        exclude: globs over module paths whose tensors stay float32 (run as islands).
+        islands: globs over module class names or paths of modules kept in float32 (default
+            :data:`DEFAULT_ISLANDS`: norms and softmax); ``"default"`` in the list stands for
+            the defaults, ``[]`` means none.
+        attention: "sdpa" (default) switches transformers models running eager attention to
+            sdpa (float32 scores on a CPU, see the module doc); "keep" leaves them.
 
     The returned model takes the same inputs (floating ones are cast at the entry) and returns
     float32. ``Change.replaced`` lists the modules whose tensors were cast,
-    ``Change.details["float32"]`` every island and why."""
+    ``Change.details["float32"]`` every island and why.
+    """
     return _cast("quant.bf16", torch.bfloat16, model, include, exclude, islands, attention,
                  inplace, example_inputs)
 
@@ -496,7 +505,14 @@ def fp16(
 ) -> tuple[nn.Module, Change]:
     """As :func:`bf16` in float16 (11 significant bits, but a range only up to 65504: an
     activation above it becomes inf; keep such layers float32 with ``exclude`` or
-    ``islands``)."""
+    ``islands``).
+
+    Args:
+        include: globs over module paths selecting whose tensors are cast (default all).
+        exclude: globs over module paths whose tensors stay float32 (run as islands).
+        islands: modules kept in float32, as in :func:`bf16` (default: norms and softmax).
+        attention: as in :func:`bf16`: "sdpa" (default) or "keep".
+    """
     return _cast("quant.fp16", torch.float16, model, include, exclude, islands, attention,
                  inplace, example_inputs)
 
@@ -515,9 +531,13 @@ def autocast(
     float32 (torch casts them per op: matmuls, linear and convolutions run in ``dtype``,
     reductions and norms in float32). Outputs are cast to float32.
 
-    dtype: "bfloat16" (default) or "float16"; device_type: "cpu", "cuda"... (default: the
-    device of the model's first parameter); attention: as in :func:`bf16` (under autocast an
-    eager attention's ``q k^T`` is a bf16 matmul too)."""
+    Args:
+        dtype: "bfloat16" (default) or "float16".
+        device_type: the autocast device, "cpu", "cuda" and so on (default: the device of the
+            model's first parameter).
+        attention: as in :func:`bf16` (under autocast an eager attention's ``q k^T`` is a
+            bf16 matmul too).
+    """
     name = "quant.autocast"
     if not isinstance(model, nn.Module):
         raise LeanTypeError(f"{name}: model must be a torch.nn.Module, got "

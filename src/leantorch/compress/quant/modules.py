@@ -144,6 +144,8 @@ class Int8DynamicLinear(_QuantizedLinear):
         self.register_parameter("bias", _bias_parameter(out_features, bias))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments for :func:`leantorch.serialize.build`: ``in_features``,
+        ``out_features``, ``bias`` (bool), ``share_quantization``, ``compile_quantization``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "share_quantization": self.share_quantization,
                 "compile_quantization": self.compile_quantization}
@@ -151,6 +153,8 @@ class Int8DynamicLinear(_QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, share_quantization: bool = False,
                     compile_quantization: bool = False) -> Int8DynamicLinear:
+        """Quantize ``linear``'s (out, in) weight to int8 codes with one float32 scale per output
+        row (symmetric); the bias is copied. The module lands on the weight's device."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      share_quantization=share_quantization,
@@ -167,6 +171,8 @@ class Int8DynamicLinear(_QuantizedLinear):
                                    compiled=self.compile_quantization)
 
     def forward_reference(self, x: Tensor) -> Tensor:
+        """The same product computed naively (both sides dequantized, float64 matmul), for tests:
+        ``x (..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
         return naive.int8_dynamic_linear_reference(x, self.weight, self.weight_scale, self.bias)
 
     def dequantized_weight(self) -> Tensor:
@@ -192,11 +198,15 @@ class LLMInt8Linear(Int8DynamicLinear):
         self.reset_statistics()
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool) and the
+        outlier ``threshold``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "threshold": self.threshold}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> LLMInt8Linear:
+        """Quantize ``linear`` as :meth:`Int8DynamicLinear.from_linear` does (int8 rows, one scale
+        each) and keep input features above ``threshold`` in float at run time."""
         base = Int8DynamicLinear.from_linear(linear)
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      threshold=threshold)
@@ -204,6 +214,8 @@ class LLMInt8Linear(Int8DynamicLinear):
         return module
 
     def reset_statistics(self) -> None:
+        """Zero ``calls``, ``columns_seen`` and ``outlier_columns_seen`` (``int8_fraction`` is
+        None again until the next call)."""
         self.calls = 0
         self.columns_seen = 0
         self.outlier_columns_seen = 0
@@ -225,6 +237,8 @@ class LLMInt8Linear(Int8DynamicLinear):
         return out
 
     def forward_reference(self, x: Tensor) -> Tensor:
+        """The naive LLM.int8() product (outlier columns in float, the rest dequantized int8),
+        without touching the statistics: ``x (..., in_features)`` -> ``(..., out_features)``."""
         out, _ = naive.llm_int8_linear_reference(x, self.weight, self.weight_scale, self.bias,
                                                  self.threshold)
         return out
@@ -265,6 +279,8 @@ class WeightOnlyLinear(_QuantizedLinear):
         self.register_parameter("bias", _bias_parameter(out_features, bias))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool), ``bits``
+        (8 or 4), ``group_size`` (input features per scale) and ``symmetric``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric}
@@ -272,6 +288,9 @@ class WeightOnlyLinear(_QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
                     symmetric: bool = True) -> WeightOnlyLinear:
+        """Quantize ``linear``'s (out, in) weight to ``bits``-bit codes, one scale (and offset when
+        asymmetric) per ``group_size`` inputs of a row (None: the whole row); 4-bit codes are
+        packed two per byte. The bias is copied."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits,
                      group_size, symmetric)
@@ -298,12 +317,16 @@ class WeightOnlyLinear(_QuantizedLinear):
         return dequantize_int8(self.weight, self.weight_scale, self.weight_offset)
 
     def forward(self, x: Tensor) -> Tensor:  # F.linear is differentiable as it is
+        """``x (..., in_features)`` -> ``(..., out_features)``: ``x @ W_hat.T + bias`` with the weight
+        dequantized to ``x``'s dtype for this call only."""
         if x.shape[-1] != self.in_features:
             raise LeanError(f"WeightOnlyLinear: input has {x.shape[-1]} features in its last "
                             f"dim (shape {tuple(x.shape)}), expected {self.in_features}")
         return weight_only_linear(x, self.dequantized_weight(), self.bias)
 
     def forward_reference(self, x: Tensor) -> Tensor:
+        """The same product from the unpacked codes through the naive dequantizer, for tests:
+        ``x (..., in_features)`` -> ``(..., out_features)``."""
         w_hat = naive.dequantize_groupwise(self.codes(), self.weight_scale, self.weight_offset)
         return naive.weight_only_linear_reference(x, w_hat, self.bias)
 
@@ -335,11 +358,15 @@ class TernaryLinear(_QuantizedLinear):
         self.register_parameter("bias", _bias_parameter(out_features, bias))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool) and
+        ``activation_bits`` (8 or None)."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "activation_bits": self.activation_bits}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation_bits: int | None = 8) -> TernaryLinear:
+        """Round ``linear``'s weight to {-1, 0, 1} times its absmean ``gamma`` (BitNet b1.58) and pack
+        the codes four per byte; the bias is copied."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      activation_bits)
@@ -350,6 +377,7 @@ class TernaryLinear(_QuantizedLinear):
         return module
 
     def codes(self) -> Tensor:
+        """The unpacked (out, in) int8 codes, each -1, 0 or 1."""
         return naive.unpack_ternary(self.weight, self.in_features)
 
     def dequantized_weight(self) -> Tensor:
@@ -367,6 +395,8 @@ class TernaryLinear(_QuantizedLinear):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def forward_reference(self, x: Tensor) -> Tensor:
+        """The naive ternary product (activations quantized per token when ``activation_bits`` is
+        8), for tests: ``x (..., in_features)`` -> ``(..., out_features)``."""
         return naive.ternary_linear_reference(x, self.codes(), self.weight_scale, self.bias,
                                               self.activation_bits)
 
@@ -411,6 +441,9 @@ class FakeQuantLinear(nn.Module):
         self.register_parameter("bias", _bias_parameter(out_features, bias))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``in_features``, ``out_features``, ``bias`` (bool), ``scheme``,
+        ``group_size``, ``symmetric`` and ``activation_bits`` (None where the scheme keeps float
+        activations)."""
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "scheme": self.scheme,
                 "group_size": self.group_size, "symmetric": self.symmetric,
@@ -419,6 +452,8 @@ class FakeQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None,
                     symmetric: bool = True, activation_bits: int | None = 8) -> FakeQuantLinear:
+        """A trainable copy of ``linear`` (weight cloned, ``requires_grad`` kept) that rounds as
+        ``scheme`` will in the forward pass."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                      group_size, symmetric, activation_bits)
         module.weight = nn.Parameter(linear.weight.detach().clone(),
@@ -434,6 +469,8 @@ class FakeQuantLinear(nn.Module):
         return fake_quantize_groupwise(self.weight, bits, self.group_size, self.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)`` with the fake-quantized weight (and,
+        when ``activation_bits`` is set, per-token fake-quantized ``x``); straight-through grads."""
         if self.activation_bits is not None:
             x = fake_quantize_per_token(x)
         return torch.nn.functional.linear(x, self.fake_weight().to(x.dtype), self.bias)

@@ -266,22 +266,29 @@ def int8_dynamic(
     """Replace Linear layers by :class:`Int8DynamicLinear`: per-output-channel symmetric int8
     weights, per-token symmetric int8 activations computed at run time, int32 accumulation.
 
-    compute_dtype: what runs outside the int8 GEMMs. None (default) or ``"float32"``: the model
-    keeps its dtypes. ``"bfloat16"``: every other floating parameter and buffer is cast to
-    bfloat16 (attention matmuls, GELU, residual adds, embeddings then run in bfloat16) except
-    normalisation layers, which keep float32 weights and compute in float32; the int8 layers
-    quantize bfloat16 activations directly and their GEMM writes bfloat16. The model's outputs
-    are then bfloat16, and float inputs it takes (not token ids) must be given in bfloat16.
-    ``"auto"``: bfloat16 on a CPU with AVX512-BF16 / AMX, else None.
-    share_quantization (default True): int8 layers that read the same unchanged tensor (q, k,
-    v projections) quantize it once; bit-identical to quantizing it three times.
-    compile (default False): the per-token quantization runs through ``torch.compile``
-    (inductor fuses its six passes into two loops; bit-identical). The first forward pass
-    compiles (tens of seconds); needs a C++ compiler, else it logs why and runs eagerly.
+    Args:
+        compute_dtype: what runs outside the int8 GEMMs. None (default) or ``"float32"``: the
+            model keeps its dtypes. ``"bfloat16"``: every other floating parameter and buffer
+            is cast to bfloat16 (attention matmuls, GELU, residual adds, embeddings then run
+            in bfloat16) except normalisation layers, which keep float32 weights and compute in
+            float32; the int8 layers quantize bfloat16 activations directly and their GEMM
+            writes bfloat16. The model's outputs are then bfloat16, and float inputs it takes
+            (not token ids) must be given in bfloat16. ``"auto"``: bfloat16 on a CPU with
+            AVX512-BF16 / AMX, else None.
+        share_quantization: int8 layers that read the same unchanged tensor (q, k, v
+            projections) quantize it once (default True); bit-identical to quantizing it
+            three times.
+        compile: the per-token quantization runs through ``torch.compile`` (inductor fuses
+            its six passes into two loops; bit-identical). The first forward pass compiles
+            (tens of seconds); needs a C++ compiler, else it logs why and runs eagerly.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
 
     Returns ``(new_model, Change)``; ``Change.details["integer_matmul"]`` names the kernel,
     ``["compute_dtype"]`` what runs outside it and ``["float32_modules"]`` the modules that
-    keep float32 tensors."""
+    keep float32 tensors.
+    """
     dtype = resolve_compute_dtype(compute_dtype)
     _check_bool(share_quantization, "share_quantization")
     _check_bool(compile, "compile")
@@ -316,10 +323,16 @@ def int8_weight(
     example_inputs: Any = None,
 ) -> tuple[nn.Module, Change]:
     """Replace Linear layers by 8-bit weight-only :class:`WeightOnlyLinear` (float
-    activations). ``group_size``: input features per scale (None: one scale per output
-    channel); ``symmetric``: codes in [-127, 127] times a scale, else [0, 255] times a scale
-    plus a float offset. Layers whose ``in_features`` the group size does not divide are
-    skipped."""
+    activations). Layers whose ``in_features`` the group size does not divide are skipped.
+
+    Args:
+        group_size: input features per scale (None: one scale per output channel).
+        symmetric: codes in [-127, 127] times a scale, else [0, 255] times a scale plus a
+            float offset.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     _check_group_size(group_size)
     _check_bool(symmetric, "symmetric")
     return _quantize_linears(
@@ -343,9 +356,16 @@ def int4_weight(
     example_inputs: Any = None,
 ) -> tuple[nn.Module, Change]:
     """Replace Linear layers by 4-bit weight-only :class:`WeightOnlyLinear`, two codes per
-    byte. ``group_size``: input features per scale (default 128; None: per output channel);
-    ``symmetric`` False (default): codes 0..15 times a scale plus a float offset per group;
-    True: codes -7..7 times a scale."""
+    byte. Layers whose ``in_features`` the group size does not divide are skipped.
+
+    Args:
+        group_size: input features per scale (default 128; None: per output channel).
+        symmetric: False (default): codes 0..15 times a scale plus a float offset per group;
+            True: codes -7..7 times a scale.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     _check_group_size(group_size)
     _check_bool(symmetric, "symmetric")
     return _quantize_linears(
@@ -374,7 +394,16 @@ def llm_int8(
     The fraction of input features (hence of MACs) kept in 8 bits depends on the data: it is
     measured on ``calibration`` (a list of model inputs), else on ``example_inputs``, and
     reported in ``Change.details["int8_fraction"]`` (overall) and
-    ``["int8_fraction_per_layer"]``; each module also keeps a running ``int8_fraction``."""
+    ``["int8_fraction_per_layer"]``; each module also keeps a running ``int8_fraction``.
+
+    Args:
+        threshold: magnitude above which an input feature (a column of the batch's
+            activations) is an outlier kept in float; 6.0 as in the LLM.int8() paper.
+            Higher keeps more of the layer in 8 bits.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or \
             not threshold > 0:
         raise LeanError(f"threshold={describe(threshold)}: expected a positive number "
@@ -430,13 +459,23 @@ def fake_quantize(
 ) -> tuple[nn.Module, Change]:
     """Prepare for quantization-aware training: replace Linear layers by
     :class:`FakeQuantLinear`, whose forward quantizes-dequantizes like the real module of
-    ``scheme`` and whose backward passes gradients straight through.
+    ``scheme`` and whose backward passes gradients straight through. Fine-tune, then
+    ``quant.convert`` makes the real quantized model.
 
-    scheme: ``int8_dynamic`` | ``int8_weight`` | ``int4_weight`` | ``ternary`` (BitNet b1.58
-    absmean weights; ``activation_bits`` 8 (default, per-token int8 as in BitNet) or None).
-    group_size / symmetric: as in ``quant.int8_weight`` / ``quant.int4_weight`` (defaults:
-    per channel and symmetric for 8 bits, 128 and asymmetric for 4). Fine-tune, then
-    ``quant.convert`` makes the real quantized model."""
+    Args:
+        scheme: ``int8_dynamic`` | ``int8_weight`` | ``int4_weight`` | ``ternary`` (BitNet
+            b1.58 absmean weights; ``activation_bits`` 8 (default, per-token int8 as in
+            BitNet) or None).
+        group_size: input features per weight scale, as in ``quant.int8_weight`` /
+            ``quant.int4_weight`` (default: per channel for 8 bits, 128 for 4).
+        symmetric: as in ``quant.int8_weight`` / ``quant.int4_weight`` (default: True for 8
+            bits, False for 4).
+        activation_bits: ``ternary`` only: 8 quantizes activations per token, None keeps them
+            float.
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            Linear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     check_scheme(scheme)
     _check_group_size(group_size)
     if scheme == "int4_weight" and group_size is None:
@@ -478,7 +517,13 @@ def convert(
     """Turn every selected :class:`FakeQuantLinear` into the real quantized module of its
     scheme (quantized from its current, possibly fine-tuned, weight). Weight-only schemes give
     bit-identical outputs; schemes with int8 activations differ only by float rounding (the
-    real module accumulates in int32)."""
+    real module accumulates in int32).
+
+    Args:
+        include: ``fnmatch`` globs over module paths (``"encoder.layer.*"``); only
+            FakeQuantLinear layers matching one are replaced (None: all of them).
+        exclude: globs of module paths left as they are, even when ``include`` matches.
+    """
     if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise LeanError("quant.convert: the model has no FakeQuantLinear layer; run quant.fake_quantize "
                         "(and fine-tune) first, or use quant.int8_dynamic / quant.int8_weight / "

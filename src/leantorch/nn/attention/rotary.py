@@ -74,6 +74,8 @@ class RotaryEmbedding(nn.Module):
         return table[0][positions], table[1][positions]
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``x (..., seq, dim)`` rotated by ``positions (seq,)`` or ``(batch, seq)`` (integers
+        >= 0) -> the same shape and dtype as ``x``."""
         if x.shape[-1] != self.dim:
             raise LeanError(
                 f"RotaryEmbedding: x.shape[-1]={x.shape[-1]}; expected dim={self.dim}")

@@ -63,6 +63,8 @@ class StackedExperts(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Linear's default: uniform in +-1/sqrt(fan_in), per expert
+        """Re-initialise every expert as ``nn.Linear`` does: weights and biases uniform in
+        ``+-1/sqrt(fan_in)``."""
         with torch.no_grad():
             for weight, fan_in in ((self.w_in, self.dim), (self.w_out, self.hidden)):
                 weight.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
@@ -71,6 +73,8 @@ class StackedExperts(nn.Module):
                     b.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``dim``, ``hidden``, ``num_experts``, ``activation``, ``gated``,
+        ``bias`` (True, False or ``"in"``) and ``backend``."""
         return {"dim": self.dim, "hidden": self.hidden, "num_experts": self.num_experts,
                 "activation": self.activation, "gated": self.gated, "bias": self.bias,
                 "backend": self.backend}
@@ -82,6 +86,8 @@ class StackedExperts(nn.Module):
 
     @property
     def params_per_expert(self) -> int:
+        """Parameters of one expert: its two weight matrices
+        and its biases."""
         per = self.w_in[0].numel() + self.w_out[0].numel()
         for b in (self.b_in, self.b_out):
             if b is not None:
@@ -90,6 +96,9 @@ class StackedExperts(nn.Module):
 
     def forward(self, rows: Tensor, counts: Tensor,
                 counts_list: list[int] | None = None) -> Tensor:
+        """``rows (S, dim)`` grouped by expert, ``counts (E,)`` rows per expert (``counts_list``:
+        the same as Python ints, saves a device sync) -> ``(S, dim)``, each row through its
+        expert's FFN."""
         return expert_mlp(rows, counts, self.w_in, self.w_out, self.b_in, self.b_out,
                           activation=self.activation, gated=self.gated, backend=self.backend,
                           counts_list=counts_list)
@@ -134,6 +143,7 @@ class FeedForward(nn.Module):
                 self.b_out.uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``dim``, ``hidden``, ``activation``, ``gated`` and ``bias``."""
         return {"dim": self.dim, "hidden": self.hidden, "activation": self.activation,
                 "gated": self.gated, "bias": self.b_in is not None}
 
@@ -142,6 +152,7 @@ class FeedForward(nn.Module):
                 f"gated={self.gated}, bias={self.b_in is not None}")
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x (..., dim)`` -> ``(..., dim)``."""
         h = x @ self.w_in if self.b_in is None else torch.addmm(
             self.b_in, x.reshape(-1, self.dim), self.w_in).reshape(*x.shape[:-1], -1)
         if self.gated:

@@ -200,10 +200,14 @@ class MoE(nn.Module):
     # ----------------------------------------------------------------- description
     @property
     def total_experts(self) -> int:
+        """Routed experts of every kind: FFN experts plus zero, copy and constant experts."""
         return (self.num_experts + self.zero_experts + self.copy_experts +
                 self.constant_experts)
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments, read back from the layer and its router and experts: sizes,
+        ``k``, routing and gating options, the zero-computation experts, the balancing and loss
+        weights, ``dropout`` and ``backend``."""
         r, e = self.router, self.experts
         return {
             "dim": self.dim, "hidden": self.hidden, "num_experts": self.num_experts,
@@ -241,6 +245,9 @@ class MoE(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor, prev_router_logits: Tensor | None = None) -> Tensor:
+        """``x (..., dim)`` -> ``(..., dim)``: each token through its routed experts, mixed by the
+        gates, plus the shared experts. ``prev_router_logits (..., prev_experts)``: the previous
+        MoE layer's router logits (MoE++ gating residual). Sets ``self.stats``."""
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
             raise LeanError(f"MoE: x must be a tensor (..., {self.dim}), got "
                             f"{describe(getattr(x, 'shape', x))}")

@@ -86,6 +86,9 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
     def spec(self) -> dict[str, Any]:
+        """Constructor arguments: ``dim``, ``num_experts``, ``k``, ``score``, ``gates``,
+        ``routing``, ``noisy``, ``priority``, ``prev_experts``, ``bias`` (bool) and
+        ``balance_bias_rate``."""
         return {"dim": self.dim, "num_experts": self.num_experts, "k": self.k,
                 "score": self.score, "gates": self.gates, "routing": self.routing,
                 "noisy": self.noisy, "priority": self.priority,

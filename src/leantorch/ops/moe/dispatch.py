@@ -91,6 +91,8 @@ class DispatchPlan:
     dropped_order: Tensor | None = None
 
     def counts_list(self) -> list[int]:
+        """``counts`` as Python ints, one per expert (one device
+        sync)."""
         return [int(c) for c in self.counts.tolist()]
 
 

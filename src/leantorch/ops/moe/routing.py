@@ -66,6 +66,7 @@ class Routing:
 
     @property
     def num_assignments(self) -> int:
+        """A: the number of (token, expert) assignments."""
         return self.token_index.numel()
 
 
