@@ -1,0 +1,148 @@
+"""Quantized KV-cache storage: the codes and scales a :class:`~leantorch.nn.attention.KVBuffer`
+keeps instead of float keys and values, when the cache is built with ``quant=``.
+
+Symmetric grids as in :mod:`leantorch.ops.quant.naive` (``qmax = 2**(bits-1) - 1``, ``q =
+clamp(round(x / scale), -qmax, qmax)``, ``x_hat = q * scale``, an all-zero group gets scale 1):
+
+* ``granularity="token"``: one float32 scale per cached entry and head, ``absmax / qmax`` over
+  the entry's ``head_dim`` features, for keys and values alike. The scale is the entry's own, so
+  every element dequantizes within ``scale / 2``, whatever came before or after.
+* ``granularity="channel"`` (KIVI: keys have outlier *channels*): keys get one scale per
+  ``(batch, head, channel)``, fixed from the **first write** to the layer (the prompt, at
+  prefill) as the channel's absmax over those tokens / qmax; values stay per token. A later
+  key whose channel exceeds the prompt's range is **clamped** to ``+-qmax * scale`` there (its
+  error is then ``|x| - qmax * scale`` instead of at most ``scale / 2``); prefill with a
+  representative prompt, or use ``"token"`` when decoded keys may outgrow the prompt's.
+* ``bits=4`` packs two codes per byte (:func:`~leantorch.ops.quant.naive.pack_int4`), so the
+  cached feature size must be even.
+
+Bytes per cached entry and KV head: ``key_dim * bits / 8`` (+ 4 for a per-token key scale) and
+``value_dim * bits / 8 + 4``; a per-channel key scale adds ``4 * key_dim`` per head and
+sequence once, not per token. :meth:`KVQuant.entry_nbytes` / :meth:`KVQuant.fixed_nbytes` give
+these counts; the buffer's ``nbytes()`` counts its actual tensors, and the tests hold the two
+equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from leantorch.errors import LeanError
+from leantorch.ops.quant.naive import (
+    pack_int4,
+    quantize_per_token,
+    symmetric_qmax,
+    unpack_int4,
+    working_precision,
+)
+from leantorch.validate import one_of
+
+__all__ = ["GRANULARITIES", "QUANT_BITS", "KVQuant"]
+
+#: accepted ``quant=`` names and their bit widths
+QUANT_BITS = {"int8": 8, "int4": 4}
+GRANULARITIES = ("token", "channel")
+SCALE_DTYPE = torch.float32
+SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How a KV buffer stores entries: ``bits`` (8 or 4) and ``granularity`` of the key scales
+    (``"token"`` or ``"channel"``; values are always per token)."""
+
+    bits: int = 8
+    granularity: str = "token"
+
+    @classmethod
+    def parse(cls, owner: str, quant: str | None, granularity: str) -> KVQuant | None:
+        """``quant`` ("int8", "int4" or None for float storage) and ``granularity`` checked,
+        as given to :meth:`KVCache.dynamic` / :meth:`KVCache.static`."""
+        one_of(owner, "granularity", granularity, GRANULARITIES)
+        if quant is None:
+            return None
+        one_of(owner, "quant", quant, (*QUANT_BITS, None))
+        return cls(bits=QUANT_BITS[quant], granularity=granularity)
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def qmax(self) -> int:
+        return symmetric_qmax(self.bits)
+
+    @property
+    def per_channel_keys(self) -> bool:
+        return self.granularity == "channel"
+
+    def code_width(self, dim: int) -> int:
+        """Stored bytes per entry for ``dim`` features (``dim // 2`` when packed)."""
+        return dim // 2 if self.bits == 4 else dim
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.bits == 4 else torch.int8
+
+    def check_dim(self, name: str, dim: int) -> None:
+        if self.bits == 4 and dim % 2:
+            raise LeanError(f"KVCache: quant='int4' packs two codes per byte; the cached {name} "
+                            f"have {dim} features (odd); use quant='int8' or an even "
+                            "head_dim / latent size")
+
+    # ------------------------------------------------------------------ codes
+    def _pack(self, q: Tensor) -> Tensor:
+        """int8 codes (..., dim) -> stored codes (..., code_width(dim))."""
+        if self.bits != 4:
+            return q
+        return pack_int4(q.reshape(-1, q.shape[-1]), symmetric=True).reshape(
+            *q.shape[:-1], q.shape[-1] // 2)
+
+    def _unpack(self, codes: Tensor) -> Tensor:
+        if self.bits != 4:
+            return codes
+        return unpack_int4(codes.reshape(-1, codes.shape[-1]), symmetric=True).reshape(
+            *codes.shape[:-1], 2 * codes.shape[-1])
+
+    def encode_per_token(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (batch, heads, n, dim) float -> (codes (batch, heads, n, code_width),
+        scale (batch, heads, n, 1) float32): one absmax scale per entry."""
+        q, scale = quantize_per_token(x.reshape(-1, x.shape[-1]), self.bits)
+        return (self._pack(q.reshape(x.shape)),
+                scale.to(SCALE_DTYPE).reshape(*x.shape[:-1], 1))
+
+    def channel_scale(self, x: Tensor) -> Tensor:
+        """x: (batch, heads, n, dim) -> (batch, heads, 1, dim) float32: each channel's absmax
+        over the n entries / qmax (1 for an all-zero channel)."""
+        channels = x.transpose(2, 3).reshape(-1, x.shape[2])  # a row per (batch, head, channel)
+        _, scale = quantize_per_token(channels, self.bits)
+        return scale.to(SCALE_DTYPE).reshape(*x.shape[:2], 1, x.shape[-1])
+
+    def encode_with_scale(self, x: Tensor, scale: Tensor) -> Tensor:
+        """Codes of ``x (batch, heads, n, dim)`` on a given ``scale`` broadcastable to it;
+        values beyond ``qmax * scale`` are clamped."""
+        ratio = working_precision(x) / scale
+        q = torch.clamp(torch.round(ratio), -self.qmax, self.qmax).to(torch.int8)
+        return self._pack(q)
+
+    def decode(self, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """``codes * scale`` in ``dtype``: (batch, heads, n, code_width) codes with a scale
+        broadcastable to (batch, heads, n, dim)."""
+        return (self._unpack(codes).to(scale.dtype) * scale).to(dtype)
+
+    # ------------------------------------------------------------------ bytes
+    def entry_nbytes(self, heads: int, key_dim: int, value_dim: int | None) -> int:
+        """Bytes one cached entry takes over ``heads`` heads: codes, plus per-token scales
+        (keys unless per channel; values always). ``value_dim`` None: no separate values."""
+        total = heads * (self.code_width(key_dim)
+                         + (0 if self.per_channel_keys else SCALE_BYTES))
+        if value_dim is not None:
+            total += heads * (self.code_width(value_dim) + SCALE_BYTES)
+        return total
+
+    def fixed_nbytes(self, heads: int, key_dim: int) -> int:
+        """Bytes per sequence that do not grow with the entries: the per-channel key scales."""
+        return heads * key_dim * SCALE_BYTES if self.per_channel_keys else 0
