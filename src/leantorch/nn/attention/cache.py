@@ -297,6 +297,20 @@ class KVBuffer:
                 values = quant.decode(values, self.value_scales[:, :, :end], self.dtype)
         return keys, values, self.positions[:, :, :end]
 
+    def view_with_new(self, keys: Tensor, values: Tensor | None
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`view` after :meth:`append` of ``keys (batch, heads, n, key_dim)`` (and
+        values), with those last ``n`` entries as given rather than as stored: the tokens being
+        written attend to their own keys and values unrounded (they are at hand in float, as in
+        KIVI's prefill); only earlier entries come back dequantized. A float store's view."""
+        all_keys, all_values, positions = self.view()
+        if self.quant is not None:  # view() made fresh copies: safe to overwrite
+            n = keys.shape[2]
+            all_keys[:, :, -n:] = keys
+            if values is not None:
+                all_values[:, :, -n:] = values
+        return all_keys, all_values, positions
+
     def valid_scores(self) -> Tensor | None:
         return None if self.scores is None else self.scores[:, :, : self.length]
 
@@ -464,13 +478,13 @@ class KVCache:
         new_positions = positions.expand(keys.shape[0], keys.shape[1], num_new)
         if not sliding and policy is None:
             buffer.append(keys, values, new_positions)
-            return attend(*buffer.view())
+            return attend(*buffer.view_with_new(keys, values))
 
         in_place = num_new == 1 and (buffer.max_len is None
                                      or buffer.length + 1 <= buffer.max_len)
         if in_place:
             buffer.append(keys, values, new_positions)
-            all_keys, all_values, key_positions = buffer.view()
+            all_keys, all_values, key_positions = buffer.view_with_new(keys, values)
         else:
             cached_keys, cached_values, cached_positions = buffer.view()
             if cached_keys is None or cached_keys.shape[2] == 0:

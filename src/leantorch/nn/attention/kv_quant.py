@@ -69,14 +69,17 @@ class KVQuant:
 
     @property
     def name(self) -> str:
+        """The ``quant=`` name: ``"int8"`` or ``"int4"``."""
         return f"int{self.bits}"
 
     @property
     def qmax(self) -> int:
+        """Largest code magnitude: 127 for 8 bits, 7 for 4."""
         return symmetric_qmax(self.bits)
 
     @property
     def per_channel_keys(self) -> bool:
+        """Whether keys have one fixed scale per (batch, head, channel)."""
         return self.granularity == "channel"
 
     def code_width(self, dim: int) -> int:
@@ -85,9 +88,11 @@ class KVQuant:
 
     @property
     def code_dtype(self) -> torch.dtype:
+        """Stored code dtype: int8, or uint8 holding two packed int4 codes."""
         return torch.uint8 if self.bits == 4 else torch.int8
 
     def check_dim(self, name: str, dim: int) -> None:
+        """Refuse an odd feature size ``dim`` for packed int4 codes (LeanError)."""
         if self.bits == 4 and dim % 2:
             raise LeanError(f"KVCache: quant='int4' packs two codes per byte; the cached {name} "
                             f"have {dim} features (odd); use quant='int8' or an even "
@@ -110,9 +115,11 @@ class KVQuant:
     def encode_per_token(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (batch, heads, n, dim) float -> (codes (batch, heads, n, code_width),
         scale (batch, heads, n, 1) float32): one absmax scale per entry."""
-        q, scale = quantize_per_token(x.reshape(-1, x.shape[-1]), self.bits)
-        return (self._pack(q.reshape(x.shape)),
-                scale.to(SCALE_DTYPE).reshape(*x.shape[:-1], 1))
+        _, scale = quantize_per_token(x.reshape(-1, x.shape[-1]), self.bits)
+        # the codes are taken on the scale as stored (float32), so decoding them stays within
+        # scale / 2 of x even for float64 x
+        scale = scale.to(SCALE_DTYPE).reshape(*x.shape[:-1], 1)
+        return self.encode_with_scale(x, scale), scale
 
     def channel_scale(self, x: Tensor) -> Tensor:
         """x: (batch, heads, n, dim) -> (batch, heads, 1, dim) float32: each channel's absmax
@@ -130,8 +137,10 @@ class KVQuant:
 
     def decode(self, codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
         """``codes * scale`` in ``dtype``: (batch, heads, n, code_width) codes with a scale
-        broadcastable to (batch, heads, n, dim)."""
-        return (self._unpack(codes).to(scale.dtype) * scale).to(dtype)
+        broadcastable to (batch, heads, n, dim). The product is taken in float32, or in float64
+        for float64 (so it is exact there)."""
+        wide = torch.promote_types(scale.dtype, dtype)
+        return (self._unpack(codes).to(wide) * scale.to(wide)).to(dtype)
 
     # ------------------------------------------------------------------ bytes
     def entry_nbytes(self, heads: int, key_dim: int, value_dim: int | None) -> int:
