@@ -204,6 +204,59 @@ def test_decoding_error_within_the_bound_from_the_per_element_one() -> None:
     assert 0 < error <= bound
 
 
+# --------------------------------------------------------------------------- residual window
+def test_residual_window_keeps_the_most_recent_entries_in_float() -> None:
+    quant = KVQuant(bits=4, residual=4)
+    buffer = KVBuffer(max_len=None, quant=quant)
+    keys, values = _randn(2, 3, 9, 8, seed=4, dtype=torch.float64), _randn(2, 3, 9, 8, seed=5)
+    values = values.double()
+    buffer.append(keys[:, :, :6], values[:, :, :6], _positions(6))   # a prompt longer than 4
+    for t in range(6, 9):
+        buffer.append(keys[:, :, t:t + 1], values[:, :, t:t + 1], _positions(1) + t)
+    got_keys, got_values, _ = buffer.view()
+    assert torch.equal(got_keys[:, :, 5:], keys[:, :, 5:])  # positions 5..8: float copies
+    assert torch.equal(got_values[:, :, 5:], values[:, :, 5:])
+    scale = keys[:, :, :5].abs().amax(dim=-1, keepdim=True) / 7
+    error = (got_keys[:, :, :5] - keys[:, :, :5]).abs()
+    assert (error <= scale / 2 * (1 + 1e-6)).all() and (error > 0).any()  # older: int4 codes
+    assert (buffer.ring_positions.sort(dim=-1).values == torch.arange(5, 9)).all()
+
+
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_a_residual_window_covering_everything_is_the_float_cache(kind: str) -> None:
+    layer, x = make(kind), tokens(n=11)
+    got = _decode(layer, x, KVCache.dynamic(quant="int4", residual=11), 5)
+    torch.testing.assert_close(got, _decode(layer, x, KVCache.dynamic(), 5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_residual_window_under_eviction(policy: str, static: bool) -> None:
+    """Kept entries among the ``residual`` newest are the float keys, the others their int8
+    codes (within half a scale): slots and codes move with their entries."""
+    layer, x = make("exact"), tokens(n=20)
+    residual, budget = 3, 6
+    cache = KVCache(max_len=32 if static else None, policy=POLICIES[policy](budget),
+                    quant="int8", residual=residual)
+    out = _decode(layer, x, cache, 12)
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        _, k, v = layer._qkv(x, torch.arange(20))
+    keys, values, positions = cache.layer(0).kv.view()
+    index = positions.unsqueeze(-1).expand(*positions.shape, k.shape[-1])
+    want_k, want_v = k.gather(2, index), v.gather(2, index)
+    recent = (positions >= 20 - residual).unsqueeze(-1)
+    assert int(recent.sum()) >= 2 * 2 * 2  # every policy here keeps the 2 newest tokens
+    for got, want in ((keys, want_k), (values, want_v)):
+        error = (got - want).abs()
+        scale = want.abs().amax(dim=-1, keepdim=True) / 127
+        # the reference is projected over the whole sequence, the cache one token at a time:
+        # float64 matmuls that differ by rounding (1e-16), nothing more
+        assert (error[recent.expand_as(error)] <= 1e-12).all()
+        assert (error <= scale / 2 * (1 + 1e-6) + 1e-12).all()
+        assert (error[~recent.expand_as(error)] > 1e-6).any()
+
+
 # --------------------------------------------------------------------------- bytes
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_bytes_count_codes_and_scales(static: bool) -> None:
@@ -224,6 +277,15 @@ def test_bytes_count_codes_and_scales(static: bool) -> None:
         assert cache.nbytes() == layer.cache_nbytes(7, batch=3, quant=cache.kv_quant)
         if static:
             assert cache.allocated_nbytes() == 3 * (10 * per_token + fixed)
+    # a residual window of 4 adds 4 float64 entries: 2 heads x (8 + 8) x 8 bytes each
+    cache = KVCache(max_len=10 if static else None, quant="int8", residual=4)
+    layer(x[:, :6], cache)
+    layer.step(x[:, 6], cache)
+    assert cache.nbytes() == 3 * (7 * 48 + 4 * 256)
+    assert cache.nbytes() == layer.cache_nbytes(7, batch=3, dtype=torch.float64,
+                                                quant=cache.kv_quant)
+    if static:
+        assert cache.allocated_nbytes() == 3 * (10 * 48 + 4 * 256)
     float_bytes = KVCache.dynamic()
     layer(x, float_bytes)
     assert float_bytes.nbytes() == 3 * 7 * 2 * 2 * 8 * 8  # float64 keys and values
@@ -255,6 +317,10 @@ def test_bad_arguments_name_the_argument() -> None:
         KVCache.static(8, quant="int8", granularity="head")
     with pytest.raises(LeanError, match=r"quant=8"):
         KVCache(quant=8)
+    with pytest.raises(LeanError, match=r"residual=4 with quant=None"):
+        KVCache.dynamic(residual=4)
+    with pytest.raises(LeanError, match=r"residual=-1.*>= 0"):
+        KVCache.dynamic(quant="int8", residual=-1)
     buffer = KVBuffer(max_len=None, quant=KVQuant(bits=4))
     with pytest.raises(LeanError, match=r"int4.*3 features"):
         buffer.append(torch.ones(1, 1, 2, 3), None, _positions(2))

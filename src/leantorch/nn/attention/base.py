@@ -270,13 +270,15 @@ class Attention(nn.Module):
         """Bytes a :class:`KVCache` holds for this layer after ``context_len`` tokens, without
         eviction: entries (all of them, or the last ``window - 1`` for sliding windows) times
         :meth:`kv_bytes_per_token`, plus the recurrent state; with a per-channel ``quant``,
-        plus the key scales (``4 * heads * key_dim`` bytes per sequence)."""
+        plus the key scales (``4 * heads * key_dim`` bytes per sequence); with a ``residual``
+        window, plus its float copies (:meth:`KVQuant.window_nbytes`)."""
         entries = self.cached_entries(context_len)
         total = batch * entries * self.kv_bytes_per_token(dtype, quant) \
             + self.state_nbytes(batch, dtype)
         layout = self.cached_kv_layout()
         if quant is not None and layout is not None and entries:
-            total += batch * quant.fixed_nbytes(layout[0], layout[1])
+            total += batch * (quant.fixed_nbytes(layout[0], layout[1])
+                              + quant.window_nbytes(entries, *layout, dtype))
         return total
 
     # ------------------------------------------------------------------ forward

@@ -35,7 +35,8 @@ from leantorch.nn.attention.kv_quant import KVQuant
 __all__ = ["KVBuffer", "KVCache", "LayerCache", "kv_bytes_per_token"]
 
 #: per-entry tensors of a buffer: eviction moves all of them together (codes with their scales)
-_ENTRY_FIELDS = ("keys", "values", "key_scales", "value_scales", "positions", "scores")
+_ENTRY_FIELDS = ("keys", "values", "key_scales", "value_scales", "high_slot", "positions",
+                 "scores")
 
 #: ``attend(keys, values, key_positions) -> out``: a layer's attention over the entries it is given
 Attend = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
@@ -127,6 +128,13 @@ class KVBuffer:
     key_scales: Tensor | None = None
     value_scales: Tensor | None = None
     key_channel_scale: Tensor | None = None
+    # residual window (quant.residual > 0): the most recent entries' float keys/values in
+    # ring slots (batch, heads, residual, dim), the position each slot holds (-1: empty) and,
+    # per entry, the slot holding its float copy (-1: none; moved with the entry on eviction)
+    ring_keys: Tensor | None = None
+    ring_values: Tensor | None = None
+    ring_positions: Tensor | None = None
+    high_slot: Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -167,6 +175,17 @@ class KVBuffer:
                 self.values = grown(self.values, values, quant.code_width(values.shape[-1]),
                                     quant.code_dtype)
                 self.value_scales = grown(self.value_scales, values, 1, torch.float32)
+            if quant.residual:
+                slots = grown(self.high_slot[..., None] if self.high_slot is not None
+                              else None, keys, 1, torch.int16)
+                self.high_slot = slots[..., 0]
+                if self.ring_keys is None:
+                    shape = (*keys.shape[:2], quant.residual)
+                    self.ring_keys = keys.new_zeros((*shape, keys.shape[-1]))
+                    if values is not None:
+                        self.ring_values = values.new_zeros((*shape, values.shape[-1]))
+                    self.ring_positions = torch.full(shape, -1, dtype=torch.long,
+                                                     device=keys.device)
         self.positions = self._grown_index(capacity, keys)
         if self.scores is not None:
             old = self.scores
@@ -211,6 +230,34 @@ class KVBuffer:
             self.values[:, :, start:end], self.value_scales[:, :, start:end] = \
                 quant.encode_per_token(values)
 
+    def _keep_recent(self, start: int, keys: Tensor, values: Tensor | None) -> None:
+        """Residual window: give the most recent of the entries just written at ``start..start
+        + n`` (at most ``residual`` of them, by position) a ring slot holding their float keys
+        and values, taking the slots of the oldest (or empty) ones; the entries that held those
+        slots fall back to their codes, which were written with them."""
+        if self.quant is None or not self.quant.residual:
+            return
+        n = keys.shape[2]
+        count = min(n, self.quant.residual)
+        written = self.positions[:, :, start:start + n]
+        recent = written.topk(count, dim=-1).indices               # (batch, heads, count)
+        slots = self.ring_positions.topk(count, dim=-1, largest=False).indices
+        older = self.high_slot[:, :, :start]
+        older.masked_fill_((older.unsqueeze(-1) == slots.unsqueeze(-2)).any(-1), -1)
+        new = self.high_slot[:, :, start:start + n]
+        new.fill_(-1)
+        new.scatter_(2, recent, slots.to(new.dtype))
+
+        def put(ring: Tensor, x: Tensor) -> None:
+            width = x.shape[-1]
+            ring.scatter_(2, slots.unsqueeze(-1).expand(*slots.shape, width),
+                          x.gather(2, recent.unsqueeze(-1).expand(*recent.shape, width)))
+
+        put(self.ring_keys, keys)
+        if values is not None:
+            put(self.ring_values, values)
+        self.ring_positions.scatter_(2, slots, written.gather(2, recent))
+
     def append(self, keys: Tensor, values: Tensor | None, positions: Tensor) -> None:
         """Write ``keys (batch, heads, n, key_dim)`` (and values) after the valid entries;
         ``positions`` broadcastable to ``(batch, heads, n)``."""
@@ -222,6 +269,7 @@ class KVBuffer:
         self.positions[:, :, self.length:end] = positions
         if self.scores is not None:
             self.scores[:, :, self.length:end] = 0
+        self._keep_recent(self.length, keys, values)
         self.length = end
 
     def replace(self, keys: Tensor, values: Tensor | None, positions: Tensor,
@@ -230,11 +278,14 @@ class KVBuffer:
         self._check(keys)
         n = keys.shape[2]
         self.length = 0  # nothing to keep while reserving
+        if self.ring_positions is not None:
+            self.ring_positions.fill_(-1)  # the old entries are gone; keys hold their floats
         if n == 0:  # e.g. a window of 1 keeps no past entry
             return
         self._reserve(n, keys, values)
         self._write(0, keys, values)
         self.positions[:, :, :n] = positions
+        self._keep_recent(0, keys, values)
         if scores is not None:
             if self.scores is None or self.scores.shape[2] < self.capacity:
                 self.scores = scores.new_zeros((*keys.shape[:2], self.capacity))
@@ -295,6 +346,18 @@ class KVBuffer:
             keys = quant.decode(keys, key_scale, self.dtype)
             if values is not None:
                 values = quant.decode(values, self.value_scales[:, :, :end], self.dtype)
+            if quant.residual:  # entries of the residual window: their float copies
+                slot = self.high_slot[:, :, :end].long()
+                high = (slot >= 0).unsqueeze(-1)
+                index = slot.clamp(min=0).unsqueeze(-1)
+
+                def recent(ring: Tensor, coded: Tensor) -> Tensor:
+                    kept = ring.gather(2, index.expand(*slot.shape, ring.shape[-1]))
+                    return torch.where(high, kept, coded)
+
+                keys = recent(self.ring_keys, keys)
+                if values is not None:
+                    values = recent(self.ring_values, values)
         return keys, values, self.positions[:, :, :end]
 
     def view_with_new(self, keys: Tensor, values: Tensor | None
@@ -328,11 +391,21 @@ class KVBuffer:
                 total += valid.numel() * valid.element_size()
         if self.key_channel_scale is not None:
             total += self.key_channel_scale.numel() * self.key_channel_scale.element_size()
+        if self.ring_positions is not None:  # filled ring slots (the window's float copies)
+            filled = int((self.ring_positions[(0,) * (self.ring_positions.dim() - 1)] >= 0).sum())
+            for ring in (self.ring_keys, self.ring_values):
+                if ring is not None:
+                    total += ring[:, :, :filled].numel() * ring.element_size()
         return total
 
     def metadata_nbytes(self) -> int:
         positions = None if self.positions is None else self.positions[:, :, : self.length]
         total = 0 if positions is None else positions.numel() * positions.element_size()
+        if self.high_slot is not None:  # the residual window's slot index per entry
+            slots = self.high_slot[:, :, : self.length]
+            total += slots.numel() * slots.element_size()
+        if self.ring_positions is not None:
+            total += self.ring_positions.numel() * self.ring_positions.element_size()
         scores = self.valid_scores()
         return total + (0 if scores is None else scores.numel() * scores.element_size())
 
@@ -341,7 +414,7 @@ class KVBuffer:
         preallocated room not yet used."""
         total = 0
         for tensor in (self.keys, self.values, self.key_scales, self.value_scales,
-                       self.key_channel_scale):
+                       self.key_channel_scale, self.ring_keys, self.ring_values):
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
         return total
@@ -383,6 +456,9 @@ class KVCache:
         granularity: ``"token"`` (a scale per entry and head) or ``"channel"`` (keys: a scale
             per head and channel, fixed from the layer's first write, later keys clamped to it;
             values per token). Only used with ``quant``.
+        residual: keep the last ``residual`` entries of each layer in float as well (KIVI's
+            residual window; a recency-based mixed precision: recent tokens exact, older ones
+            quantized). 0: none. Needs ``quant``.
 
     Use one cache per sequence batch; ``Attention.forward(x, cache=cache)`` prefills it and
     ``Attention.step(x_t, cache)`` decodes one token. The cache is meant for inference (run it
@@ -394,6 +470,7 @@ class KVCache:
     layers: dict[int, LayerCache] = field(default_factory=dict)
     quant: str | None = None
     granularity: str = "token"
+    residual: int = 0
 
     def __post_init__(self) -> None:
         if self.max_len is not None and (
@@ -404,19 +481,22 @@ class KVCache:
         if self.policy is not None and not isinstance(self.policy, EvictionPolicy):
             raise LeanTypeError(f"KVCache: policy={describe(self.policy)}; expected an "
                                 "EvictionPolicy (StreamingLLM, SnapKV, HeavyHitters) or None")
-        self._kv_quant = KVQuant.parse("KVCache", self.quant, self.granularity)
+        self._kv_quant = KVQuant.parse("KVCache", self.quant, self.granularity, self.residual)
 
     @classmethod
     def static(cls, max_len: int, policy: EvictionPolicy | None = None, *,
-               quant: str | None = None, granularity: str = "token") -> KVCache:
+               quant: str | None = None, granularity: str = "token",
+               residual: int = 0) -> KVCache:
         """A cache whose layers preallocate ``max_len`` entries (``quant``: see the class)."""
-        return cls(max_len=max_len, policy=policy, quant=quant, granularity=granularity)
+        return cls(max_len=max_len, policy=policy, quant=quant, granularity=granularity,
+                   residual=residual)
 
     @classmethod
     def dynamic(cls, policy: EvictionPolicy | None = None, *, quant: str | None = None,
-                granularity: str = "token") -> KVCache:
+                granularity: str = "token", residual: int = 0) -> KVCache:
         """A cache whose layers grow as tokens arrive (``quant``: see the class)."""
-        return cls(max_len=None, policy=policy, quant=quant, granularity=granularity)
+        return cls(max_len=None, policy=policy, quant=quant, granularity=granularity,
+                   residual=residual)
 
     @property
     def kv_quant(self) -> KVQuant | None:

@@ -13,6 +13,10 @@ clamp(round(x / scale), -qmax, qmax)``, ``x_hat = q * scale``, an all-zero group
   key whose channel exceeds the prompt's range is **clamped** to ``+-qmax * scale`` there (its
   error is then ``|x| - qmax * scale`` instead of at most ``scale / 2``); prefill with a
   representative prompt, or use ``"token"`` when decoded keys may outgrow the prompt's.
+* ``residual=R`` (KIVI's full-precision residual; a recency-based mixed precision): the ``R``
+  most recent entries of each layer (by position) are also kept in float, in ring slots, and
+  read from there; an entry falls back to its codes when ``R`` newer ones have arrived. The
+  codes are written with every entry, so the window costs ``R`` float entries on top.
 * ``bits=4`` packs two codes per byte (:func:`~leantorch.ops.quant.naive.pack_int4`), so the
   cached feature size must be even.
 
@@ -38,7 +42,7 @@ from leantorch.ops.quant.naive import (
     unpack_int4,
     working_precision,
 )
-from leantorch.validate import one_of
+from leantorch.validate import one_of, positive_int
 
 __all__ = ["GRANULARITIES", "QUANT_BITS", "KVQuant"]
 
@@ -51,21 +55,29 @@ SCALE_BYTES = 4
 
 @dataclass(frozen=True)
 class KVQuant:
-    """How a KV buffer stores entries: ``bits`` (8 or 4) and ``granularity`` of the key scales
-    (``"token"`` or ``"channel"``; values are always per token)."""
+    """How a KV buffer stores entries: ``bits`` (8 or 4), ``granularity`` of the key scales
+    (``"token"`` or ``"channel"``; values are always per token) and ``residual``, the most
+    recent entries kept in float as well (0: none)."""
 
     bits: int = 8
     granularity: str = "token"
+    residual: int = 0
 
     @classmethod
-    def parse(cls, owner: str, quant: str | None, granularity: str) -> KVQuant | None:
-        """``quant`` ("int8", "int4" or None for float storage) and ``granularity`` checked,
-        as given to :meth:`KVCache.dynamic` / :meth:`KVCache.static`."""
+    def parse(cls, owner: str, quant: str | None, granularity: str = "token",
+              residual: int = 0) -> KVQuant | None:
+        """``quant`` ("int8", "int4" or None for float storage), ``granularity`` and
+        ``residual`` checked, as given to :meth:`KVCache.dynamic` / :meth:`KVCache.static`."""
         one_of(owner, "granularity", granularity, GRANULARITIES)
+        positive_int(owner, "residual", residual, minimum=0)
         if quant is None:
+            if residual:
+                raise LeanError(f"{owner}: residual={residual} with quant=None; the residual "
+                                "window keeps recent entries in float beside quantized ones: "
+                                "pass quant='int8' or 'int4', or residual=0")
             return None
         one_of(owner, "quant", quant, (*QUANT_BITS, None))
-        return cls(bits=QUANT_BITS[quant], granularity=granularity)
+        return cls(bits=QUANT_BITS[quant], granularity=granularity, residual=residual)
 
     @property
     def name(self) -> str:
@@ -151,6 +163,13 @@ class KVQuant:
         if value_dim is not None:
             total += heads * (self.code_width(value_dim) + SCALE_BYTES)
         return total
+
+    def window_nbytes(self, entries: int, heads: int, key_dim: int, value_dim: int | None,
+                      dtype: torch.dtype) -> int:
+        """Bytes of the residual window's float copies once ``entries`` entries were written:
+        ``min(residual, entries) * heads * (key_dim + value_dim) * itemsize``."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return min(self.residual, entries) * heads * (key_dim + (value_dim or 0)) * itemsize
 
     def fixed_nbytes(self, heads: int, key_dim: int) -> int:
         """Bytes per sequence that do not grow with the entries: the per-channel key scales."""
