@@ -129,7 +129,7 @@ def prompts_of(texts: list[str], count: int, seed: int) -> list[torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run that writes nothing")
-    parser.add_argument("--steps", type=int, default=200, help="training steps")
+    parser.add_argument("--steps", type=int, default=400, help="training steps")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per kind of data")
     args = parser.parse_args()
     threads = setup_threads(THREADS)
@@ -147,8 +147,10 @@ def main() -> None:
         rows: dict[str, dict[str, Any]] = {name: {"max_abs_logit_diff": 0.0, "sum_abs": 0.0,
                                                   "agree": 0, "steps": 0}
                                            for name in VARIANTS}
+        spread = []  # the float logits' standard deviation per step: the scale of a difference
         for i, prompt in enumerate(prompts_of(kind_texts, count, seed=1 + len(kind))):
             reference, tokens = decode_logits(model, prompt, None, KVCache.dynamic())
+            spread.append(float(reference.std(dim=-1).mean()))
             for name, options in VARIANTS.items():
                 cache = KVCache.dynamic(**options)
                 logits, _ = decode_logits(model, prompt, tokens, cache)
@@ -167,13 +169,13 @@ def main() -> None:
                 if i == 0 and name == "float":
                     row["sample"] = bytes(tokens.tolist()).decode("utf-8", "replace")
         float_bytes = rows["float"]["cache_bytes"]
-        for name, row in rows.items():
+        for row in rows.values():
             row["mean_abs_logit_diff"] = row.pop("sum_abs") / row["steps"]
             row["top1_agreement"] = row.pop("agree") / row["steps"]
             row["bytes_vs_float"] = row["cache_bytes"] / float_bytes
-        results[kind] = rows
+        results[kind] = {"float_logit_std": sum(spread) / len(spread), "caches": rows}
         print(f"\n{kind} ({count} prompts x {DECODE} decoded tokens, context "
-              f"{PROMPT + DECODE}):")
+              f"{PROMPT + DECODE}; float logits' std {sum(spread) / len(spread):.2f}):")
         print(f"  {'cache':24s} {'bytes':>8s} {'x float':>8s} {'max|dlogit|':>12s} "
               f"{'mean|dlogit|':>13s} {'top-1 agree':>12s}")
         for name, row in rows.items():

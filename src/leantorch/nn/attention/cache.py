@@ -176,8 +176,9 @@ class KVBuffer:
                                     quant.code_dtype)
                 self.value_scales = grown(self.value_scales, values, 1, torch.float32)
             if quant.residual:
+                index_dtype = torch.int16 if quant.residual < 2**15 else torch.int32
                 slots = grown(self.high_slot[..., None] if self.high_slot is not None
-                              else None, keys, 1, torch.int16)
+                              else None, keys, 1, index_dtype)
                 self.high_slot = slots[..., 0]
                 if self.ring_keys is None:
                     shape = (*keys.shape[:2], quant.residual)
