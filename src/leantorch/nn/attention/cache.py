@@ -138,6 +138,7 @@ class KVBuffer:
 
     @property
     def capacity(self) -> int:
+        """Entries the storage has room for (0 before the first write)."""
         return 0 if self.keys is None else self.keys.shape[2]
 
     def _reserve(self, needed: int, keys: Tensor, values: Tensor | None) -> None:
@@ -376,6 +377,7 @@ class KVBuffer:
         return all_keys, all_values, positions
 
     def valid_scores(self) -> Tensor | None:
+        """Accumulated eviction scores ``(batch, heads, length)`` of the valid entries, or None."""
         return None if self.scores is None else self.scores[:, :, : self.length]
 
     def nbytes(self) -> int:
@@ -400,6 +402,8 @@ class KVBuffer:
         return total
 
     def metadata_nbytes(self) -> int:
+        """Bytes of the bookkeeping: positions, eviction scores and the residual window's
+        slot indices."""
         positions = None if self.positions is None else self.positions[:, :, : self.length]
         total = 0 if positions is None else positions.numel() * positions.element_size()
         if self.high_slot is not None:  # the residual window's slot index per entry
@@ -507,6 +511,7 @@ class KVCache:
 
     @property
     def is_static(self) -> bool:
+        """Whether layers preallocate ``max_len`` entries (else buffers grow)."""
         return self.max_len is not None
 
     def layer(self, layer_idx: int) -> LayerCache:
