@@ -42,6 +42,7 @@ from leantorch.nn.attention.eviction import (
     snapkv_indices,
     streaming_indices,
 )
+from leantorch.nn.attention.kv_quant import KVQuant
 from leantorch.nn.attention.mla import FoldedMLA, fold_mla_weights, gqa_to_mla
 from leantorch.nn.attention.rotary import RotaryEmbedding, rotate_half
 
@@ -62,6 +63,7 @@ __all__ = [
     "HeavyHitters",
     "KVBuffer",
     "KVCache",
+    "KVQuant",
     "LatentAttention",
     "LayerCache",
     "LinearAttention",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from leantorch.errors import LeanError, LeanTypeError, describe
 from leantorch.nn.attention.cache import Attend, KVCache, LayerCache, kv_bytes_per_token
+from leantorch.nn.attention.kv_quant import KVQuant
 from leantorch.nn.attention.rotary import RotaryEmbedding
 from leantorch.validate import positive_int, ratio
 
@@ -236,11 +237,25 @@ class Attention(nn.Module):
         return self.head_dim ** -0.5
 
     # ------------------------------------------------------------------ cache sizes
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+    def cached_kv_layout(self) -> tuple[int, int, int | None] | None:
+        """``(heads, key_dim, value_dim)`` of one entry of this layer's KV buffer (value_dim
+        None: no separate values, as MLA's latent), or None when the layer has no KV buffer.
+        ``(num_kv_heads, head_dim, head_dim)`` here; MLA, linear kinds and Based override it."""
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32,
+                           quant: KVQuant | None = None) -> int:
         """Bytes one cached token takes in this layer (batch 1): ``2 * num_kv_heads * head_dim *
-        itemsize`` for the KV kinds (MLA, linear kinds and Based override it)."""
-        return kv_bytes_per_token(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                                  dtype=dtype)
+        itemsize`` for the KV kinds, from :meth:`cached_kv_layout`; with ``quant`` (a cache's
+        :attr:`KVCache.kv_quant`) the codes and per-token scales instead."""
+        layout = self.cached_kv_layout()
+        if layout is None:
+            return 0
+        heads, key_dim, value_dim = layout
+        if value_dim is None:
+            return kv_bytes_per_token(latent_dim=key_dim, dtype=dtype, quant=quant)
+        return kv_bytes_per_token(num_kv_heads=heads, head_dim=key_dim, value_dim=value_dim,
+                                  dtype=dtype, quant=quant)
 
     def state_nbytes(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the recurrent state (``linear``, ``gla``, the linear heads of ``based``)."""
@@ -251,12 +266,20 @@ class Attention(nn.Module):
         return context_len
 
     def cache_nbytes(self, context_len: int, batch: int = 1,
-                     dtype: torch.dtype = torch.float32) -> int:
+                     dtype: torch.dtype = torch.float32, quant: KVQuant | None = None) -> int:
         """Bytes a :class:`KVCache` holds for this layer after ``context_len`` tokens, without
         eviction: entries (all of them, or the last ``window - 1`` for sliding windows) times
-        :meth:`kv_bytes_per_token`, plus the recurrent state."""
-        return (batch * self.cached_entries(context_len) * self.kv_bytes_per_token(dtype)
-                + self.state_nbytes(batch, dtype))
+        :meth:`kv_bytes_per_token`, plus the recurrent state; with a per-channel ``quant``,
+        plus the key scales (``4 * heads * key_dim`` bytes per sequence); with a ``residual``
+        window, plus its float copies (:meth:`KVQuant.window_nbytes`)."""
+        entries = self.cached_entries(context_len)
+        total = batch * entries * self.kv_bytes_per_token(dtype, quant) \
+            + self.state_nbytes(batch, dtype)
+        layout = self.cached_kv_layout()
+        if quant is not None and layout is not None and entries:
+            total += batch * (quant.fixed_nbytes(layout[0], layout[1])
+                              + quant.window_nbytes(entries, *layout, dtype))
+        return total
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, cache: KVCache | None = None, *,

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from leantorch.errors import LeanError
 from leantorch.nn.attention.base import Attention, missing_hint, repeat_kv, split_heads
-from leantorch.nn.attention.cache import kv_bytes_per_token
 from leantorch.nn.attention.linear import (
     FeatureMap,
     apply_feature_map,
@@ -87,10 +86,9 @@ class BasedAttention(Attention):
         self.feature_rotary = RotaryEmbedding(self.feature_dim, self.rope_base) \
             if self.rope else None
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
-        """The window heads' share: ``2 * (num_kv_heads / 2) * head_dim * itemsize``."""
-        return kv_bytes_per_token(num_kv_heads=self.num_kv_heads - self.linear_kv_heads,
-                                  head_dim=self.head_dim, dtype=dtype)
+    def cached_kv_layout(self) -> tuple[int, int, int | None]:
+        """The window heads' share: ``2 * (num_kv_heads / 2) * head_dim * itemsize`` bytes."""
+        return self.num_kv_heads - self.linear_kv_heads, self.head_dim, self.head_dim
 
     def cached_entries(self, context_len: int) -> int:
         return min(context_len, self.window - 1)

@@ -30,8 +30,13 @@ from torch import Tensor
 
 from leantorch.errors import LeanError, LeanTypeError, describe
 from leantorch.nn.attention.eviction import EvictionPolicy, attention_votes
+from leantorch.nn.attention.kv_quant import KVQuant
 
 __all__ = ["KVBuffer", "KVCache", "LayerCache", "kv_bytes_per_token"]
+
+#: per-entry tensors of a buffer: eviction moves all of them together (codes with their scales)
+_ENTRY_FIELDS = ("keys", "values", "key_scales", "value_scales", "high_slot", "positions",
+                 "scores")
 
 #: ``attend(keys, values, key_positions) -> out``: a layer's attention over the entries it is given
 Attend = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
@@ -63,13 +68,16 @@ def kv_bytes_per_token(
     latent_dim: int | None = None,
     rope_dim: int = 0,
     dtype: torch.dtype = torch.float32,
+    quant: KVQuant | None = None,
 ) -> int:
     """Bytes of KV cache one token adds to one layer (batch 1).
 
     MHA / GQA / MQA (``num_kv_heads``, ``head_dim``, optional ``value_dim``):
     ``num_kv_heads * (head_dim + value_dim) * itemsize``, i.e. ``2 * kv_heads * head_dim *
     bytes`` when values are as wide as keys. MLA (``latent_dim``, ``rope_dim``):
-    ``(latent_dim + rope_dim) * itemsize``.
+    ``(latent_dim + rope_dim) * itemsize``. With ``quant`` (a :class:`KVQuant`, as
+    ``cache.quant``) the codes and per-token scales instead (:meth:`KVQuant.entry_nbytes`;
+    per-channel key scales are per sequence, see :meth:`KVQuant.fixed_nbytes`).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if latent_dim is not None:
@@ -77,11 +85,15 @@ def kv_bytes_per_token(
             raise LeanError("kv_bytes_per_token: pass either latent_dim (MLA) or num_kv_heads and "
                             f"head_dim, not both (got latent_dim={latent_dim}, "
                             f"num_kv_heads={num_kv_heads}, head_dim={head_dim})")
+        if quant is not None:  # one shared "head" holding the latent row, no separate values
+            return quant.entry_nbytes(1, latent_dim + rope_dim, None)
         return (latent_dim + rope_dim) * itemsize
     if num_kv_heads is None or head_dim is None:
         raise LeanError(f"kv_bytes_per_token: num_kv_heads={num_kv_heads}, head_dim={head_dim}; "
                         "both are needed (or latent_dim for MLA)")
     value_dim = head_dim if value_dim is None else value_dim
+    if quant is not None:
+        return quant.entry_nbytes(num_kv_heads, head_dim, value_dim)
     return num_kv_heads * (head_dim + value_dim) * itemsize
 
 
@@ -96,7 +108,13 @@ class KVBuffer:
     This class is the one place that stores and returns cached keys and values: the attention
     layers and :meth:`KVCache.write_and_attend` write through :meth:`append` / :meth:`replace`,
     reorder through :meth:`evict_one` / :meth:`keep` and read through :meth:`view`, never
-    touching ``keys`` / ``values`` directly (a quantized store changes these methods only)."""
+    touching ``keys`` / ``values`` directly.
+
+    With ``quant`` (:class:`~leantorch.nn.attention.kv_quant.KVQuant`) ``keys`` / ``values``
+    hold int8 (or packed int4) codes, ``key_scales`` / ``value_scales (batch, heads, L, 1)`` the
+    per-token scales and ``key_channel_scale (batch, heads, 1, key_dim)`` the per-channel key
+    scales (fixed at the first write); :meth:`_write` quantizes, :meth:`view` dequantizes to
+    ``dtype`` (the dtype written), and eviction moves codes and per-token scales together."""
 
     max_len: int | None  # None: grows; an int: fixed capacity
     length: int = 0
@@ -104,9 +122,23 @@ class KVBuffer:
     values: Tensor | None = None
     positions: Tensor | None = None
     scores: Tensor | None = None
+    quant: KVQuant | None = None
+    dtype: torch.dtype | None = None  # dtype of the keys written (and returned by view)
+    key_shape: tuple[int, ...] | None = None  # (batch, heads, key_dim) of the keys written
+    key_scales: Tensor | None = None
+    value_scales: Tensor | None = None
+    key_channel_scale: Tensor | None = None
+    # residual window (quant.residual > 0): the most recent entries' float keys/values in
+    # ring slots (batch, heads, residual, dim), the position each slot holds (-1: empty) and,
+    # per entry, the slot holding its float copy (-1: none; moved with the entry on eviction)
+    ring_keys: Tensor | None = None
+    ring_values: Tensor | None = None
+    ring_positions: Tensor | None = None
+    high_slot: Tensor | None = None
 
     @property
     def capacity(self) -> int:
+        """Entries the storage has room for (0 before the first write)."""
         return 0 if self.keys is None else self.keys.shape[2]
 
     def _reserve(self, needed: int, keys: Tensor, values: Tensor | None) -> None:
@@ -122,16 +154,40 @@ class KVBuffer:
         else:
             capacity = max(needed, 2 * self.capacity, 16)
 
-        def grown(old: Tensor | None, like: Tensor) -> Tensor:
-            shape = (*like.shape[:2], capacity, *like.shape[3:])
-            new = like.new_empty(shape)
+        def grown(old: Tensor | None, like: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+            new = like.new_empty((*like.shape[:2], capacity, width), dtype=dtype)
             if old is not None and self.length:
                 new[:, :, : self.length] = old[:, :, : self.length]
             return new
 
-        self.keys = grown(self.keys, keys)
-        if values is not None:
-            self.values = grown(self.values, values)
+        quant = self.quant
+        if quant is None:
+            self.keys = grown(self.keys, keys, keys.shape[-1], keys.dtype)
+            if values is not None:
+                self.values = grown(self.values, values, values.shape[-1], values.dtype)
+        else:
+            quant.check_dim("keys", keys.shape[-1])
+            self.keys = grown(self.keys, keys, quant.code_width(keys.shape[-1]),
+                              quant.code_dtype)
+            if not quant.per_channel_keys:
+                self.key_scales = grown(self.key_scales, keys, 1, torch.float32)
+            if values is not None:
+                quant.check_dim("values", values.shape[-1])
+                self.values = grown(self.values, values, quant.code_width(values.shape[-1]),
+                                    quant.code_dtype)
+                self.value_scales = grown(self.value_scales, values, 1, torch.float32)
+            if quant.residual:
+                index_dtype = torch.int16 if quant.residual < 2**15 else torch.int32
+                slots = grown(self.high_slot[..., None] if self.high_slot is not None
+                              else None, keys, 1, index_dtype)
+                self.high_slot = slots[..., 0]
+                if self.ring_keys is None:
+                    shape = (*keys.shape[:2], quant.residual)
+                    self.ring_keys = keys.new_zeros((*shape, keys.shape[-1]))
+                    if values is not None:
+                        self.ring_values = values.new_zeros((*shape, values.shape[-1]))
+                    self.ring_positions = torch.full(shape, -1, dtype=torch.long,
+                                                     device=keys.device)
         self.positions = self._grown_index(capacity, keys)
         if self.scores is not None:
             old = self.scores
@@ -145,21 +201,64 @@ class KVBuffer:
         return new
 
     def _check(self, keys: Tensor) -> None:
-        if self.keys is not None and (keys.shape[:2] != self.keys.shape[:2]
-                                      or keys.shape[3:] != self.keys.shape[3:]
-                                      or keys.dtype != self.keys.dtype):
+        shape = (*keys.shape[:2], *keys.shape[3:])
+        if self.key_shape is None:
+            self.key_shape, self.dtype = shape, keys.dtype
+        elif shape != self.key_shape or keys.dtype != self.dtype:
             raise LeanError(f"KVCache: new keys of shape {tuple(keys.shape)} ({keys.dtype}) do "
-                            f"not fit the cached {tuple(self.keys.shape)} ({self.keys.dtype}); "
-                            "use one cache per model and batch (cache.reset() to start over)")
+                            f"not fit the cached (batch, heads, dim) {self.key_shape} "
+                            f"({self.dtype}); use one cache per model and batch (cache.reset() "
+                            "to start over)")
 
     def _write(self, start: int, keys: Tensor, values: Tensor | None) -> None:
         """Store ``keys`` (and ``values``) at entries ``start..start + n`` of the reserved
-        storage: the one place new keys and values enter it (a quantized store converts here
-        and in :meth:`view`)."""
+        storage: the one place new keys and values enter it (a quantized store converts them
+        to codes and scales here, and back in :meth:`view`)."""
         end = start + keys.shape[2]
-        self.keys[:, :, start:end] = keys
+        quant = self.quant
+        if quant is None:
+            self.keys[:, :, start:end] = keys
+            if values is not None:
+                self.values[:, :, start:end] = values
+            return
+        if quant.per_channel_keys:
+            if self.key_channel_scale is None:  # fixed from the first write (the prompt)
+                self.key_channel_scale = quant.channel_scale(keys)
+            self.keys[:, :, start:end] = quant.encode_with_scale(keys, self.key_channel_scale)
+        else:
+            self.keys[:, :, start:end], self.key_scales[:, :, start:end] = \
+                quant.encode_per_token(keys)
         if values is not None:
-            self.values[:, :, start:end] = values
+            self.values[:, :, start:end], self.value_scales[:, :, start:end] = \
+                quant.encode_per_token(values)
+
+    def _keep_recent(self, start: int, keys: Tensor, values: Tensor | None) -> None:
+        """Residual window: give the most recent of the entries just written at ``start..start
+        + n`` (at most ``residual`` of them, by position) a ring slot holding their float keys
+        and values, taking the slots of the oldest (or empty) ones; the entries that held those
+        slots fall back to their codes, which were written with them."""
+        if self.quant is None or not self.quant.residual:
+            return
+        n = keys.shape[2]
+        count = min(n, self.quant.residual)
+        written = self.positions[:, :, start:start + n]
+        recent = written.topk(count, dim=-1).indices               # (batch, heads, count)
+        slots = self.ring_positions.topk(count, dim=-1, largest=False).indices
+        older = self.high_slot[:, :, :start]
+        older.masked_fill_((older.unsqueeze(-1) == slots.unsqueeze(-2)).any(-1), -1)
+        new = self.high_slot[:, :, start:start + n]
+        new.fill_(-1)
+        new.scatter_(2, recent, slots.to(new.dtype))
+
+        def put(ring: Tensor, x: Tensor) -> None:
+            width = x.shape[-1]
+            ring.scatter_(2, slots.unsqueeze(-1).expand(*slots.shape, width),
+                          x.gather(2, recent.unsqueeze(-1).expand(*recent.shape, width)))
+
+        put(self.ring_keys, keys)
+        if values is not None:
+            put(self.ring_values, values)
+        self.ring_positions.scatter_(2, slots, written.gather(2, recent))
 
     def append(self, keys: Tensor, values: Tensor | None, positions: Tensor) -> None:
         """Write ``keys (batch, heads, n, key_dim)`` (and values) after the valid entries;
@@ -172,6 +271,7 @@ class KVBuffer:
         self.positions[:, :, self.length:end] = positions
         if self.scores is not None:
             self.scores[:, :, self.length:end] = 0
+        self._keep_recent(self.length, keys, values)
         self.length = end
 
     def replace(self, keys: Tensor, values: Tensor | None, positions: Tensor,
@@ -180,11 +280,14 @@ class KVBuffer:
         self._check(keys)
         n = keys.shape[2]
         self.length = 0  # nothing to keep while reserving
+        if self.ring_positions is not None:
+            self.ring_positions.fill_(-1)  # the old entries are gone; keys hold their floats
         if n == 0:  # e.g. a window of 1 keeps no past entry
             return
         self._reserve(n, keys, values)
         self._write(0, keys, values)
         self.positions[:, :, :n] = positions
+        self._keep_recent(0, keys, values)
         if scores is not None:
             if self.scores is None or self.scores.shape[2] < self.capacity:
                 self.scores = scores.new_zeros((*keys.shape[:2], self.capacity))
@@ -205,7 +308,7 @@ class KVBuffer:
         it (a no-op move when the last entry is the one dropped): O(1) entries copied."""
         last = self.length - 1
         index = slot.unsqueeze(-1)  # (batch, heads, 1)
-        for name in ("keys", "values", "positions", "scores"):
+        for name in _ENTRY_FIELDS:
             tensor = getattr(self, name)
             if tensor is None:
                 continue
@@ -220,7 +323,7 @@ class KVBuffer:
         in every row), in their current order."""
         index = _kept_indices(mask)
         count = index.shape[-1]
-        for name in ("keys", "values", "positions", "scores"):
+        for name in _ENTRY_FIELDS:
             tensor = getattr(self, name)
             if tensor is None:
                 continue
@@ -231,37 +334,92 @@ class KVBuffer:
         self.length = count
 
     def view(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(keys, values, positions)`` of the valid entries (views, no copy)."""
+        """``(keys, values, positions)`` of the valid entries: views, no copy, for a float
+        store; dequantized copies in :attr:`dtype` for a quantized one."""
         if self.keys is None:
             return None, None, None
         end = self.length
+        keys = self.keys[:, :, :end]
         values = None if self.values is None else self.values[:, :, :end]
-        return self.keys[:, :, :end], values, self.positions[:, :, :end]
+        quant = self.quant
+        if quant is not None:
+            key_scale = self.key_channel_scale if quant.per_channel_keys \
+                else self.key_scales[:, :, :end]
+            keys = quant.decode(keys, key_scale, self.dtype)
+            if values is not None:
+                values = quant.decode(values, self.value_scales[:, :, :end], self.dtype)
+            if quant.residual:  # entries of the residual window: their float copies
+                slot = self.high_slot[:, :, :end].long()
+                high = (slot >= 0).unsqueeze(-1)
+                index = slot.clamp(min=0).unsqueeze(-1)
+
+                def recent(ring: Tensor, coded: Tensor) -> Tensor:
+                    kept = ring.gather(2, index.expand(*slot.shape, ring.shape[-1]))
+                    return torch.where(high, kept, coded)
+
+                keys = recent(self.ring_keys, keys)
+                if values is not None:
+                    values = recent(self.ring_values, values)
+        return keys, values, self.positions[:, :, :end]
+
+    def view_with_new(self, keys: Tensor, values: Tensor | None
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`view` after :meth:`append` of ``keys (batch, heads, n, key_dim)`` (and
+        values), with those last ``n`` entries as given rather than as stored: the tokens being
+        written attend to their own keys and values unrounded (they are at hand in float, as in
+        KIVI's prefill); only earlier entries come back dequantized. A float store's view."""
+        all_keys, all_values, positions = self.view()
+        if self.quant is not None:  # view() made fresh copies: safe to overwrite
+            n = keys.shape[2]
+            all_keys[:, :, -n:] = keys
+            if values is not None:
+                all_values[:, :, -n:] = values
+        return all_keys, all_values, positions
 
     def valid_scores(self) -> Tensor | None:
+        """Accumulated eviction scores ``(batch, heads, length)`` of the valid entries, or None."""
         return None if self.scores is None else self.scores[:, :, : self.length]
 
     def nbytes(self) -> int:
-        """Bytes of the valid keys and values (positions and scores are bookkeeping, see
-        :meth:`metadata_nbytes`)."""
-        keys, values, _ = self.view()
-        if keys is None:
+        """Bytes of the valid keys and values as stored: float entries, or codes plus their
+        scales (per-token scales of the valid entries, per-channel key scales whole); positions
+        and eviction scores are bookkeeping, see :meth:`metadata_nbytes`."""
+        if self.keys is None:
             return 0
-        total = keys.numel() * keys.element_size()
-        if values is not None:
-            total += values.numel() * values.element_size()
+        total = 0
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                valid = tensor[:, :, : self.length]
+                total += valid.numel() * valid.element_size()
+        if self.key_channel_scale is not None:
+            total += self.key_channel_scale.numel() * self.key_channel_scale.element_size()
+        if self.ring_positions is not None:  # filled ring slots (the window's float copies)
+            filled = int((self.ring_positions[(0,) * (self.ring_positions.dim() - 1)] >= 0).sum())
+            for ring in (self.ring_keys, self.ring_values):
+                if ring is not None:
+                    total += ring[:, :, :filled].numel() * ring.element_size()
         return total
 
     def metadata_nbytes(self) -> int:
-        _, _, positions = self.view()
+        """Bytes of the bookkeeping: positions, eviction scores and the residual window's
+        slot indices."""
+        positions = None if self.positions is None else self.positions[:, :, : self.length]
         total = 0 if positions is None else positions.numel() * positions.element_size()
+        if self.high_slot is not None:  # the residual window's slot index per entry
+            slots = self.high_slot[:, :, : self.length]
+            total += slots.numel() * slots.element_size()
+        if self.ring_positions is not None:
+            total += self.ring_positions.numel() * self.ring_positions.element_size()
         scores = self.valid_scores()
         return total + (0 if scores is None else scores.numel() * scores.element_size())
 
     def allocated_nbytes(self) -> int:
-        """Bytes of the key/value storage, including preallocated room not yet used."""
+        """Bytes of the key/value storage (codes and scales when quantized), including
+        preallocated room not yet used."""
         total = 0
-        for tensor in (self.keys, self.values):
+        for tensor in (self.keys, self.values, self.key_scales, self.value_scales,
+                       self.key_channel_scale, self.ring_keys, self.ring_values):
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
         return total
@@ -296,6 +454,16 @@ class KVCache:
             the layers of kinds ``exact``, ``topk`` and ``mla``, or None. Layers whose cache is
             bounded already (``sliding``, ``linear``, ``gla``, ``based``) ignore it;
             ``block_sparse`` layers refuse it (their block pattern needs every position).
+        quant: None (float entries, in the dtype written) or ``"int8"`` / ``"int4"``: every KV
+            buffer (keys and values, MLA's latent, the window heads of ``based``) stores codes
+            and float32 scales (:mod:`leantorch.nn.attention.kv_quant`) and attention runs on
+            the dequantized entries. Recurrent states stay float.
+        granularity: ``"token"`` (a scale per entry and head) or ``"channel"`` (keys: a scale
+            per head and channel, fixed from the layer's first write, later keys clamped to it;
+            values per token). Only used with ``quant``.
+        residual: keep the last ``residual`` entries of each layer in float as well (KIVI's
+            residual window; a recency-based mixed precision: recent tokens exact, older ones
+            quantized). 0: none. Needs ``quant``.
 
     Use one cache per sequence batch; ``Attention.forward(x, cache=cache)`` prefills it and
     ``Attention.step(x_t, cache)`` decodes one token. The cache is meant for inference (run it
@@ -305,6 +473,9 @@ class KVCache:
     max_len: int | None = None
     policy: EvictionPolicy | None = None
     layers: dict[int, LayerCache] = field(default_factory=dict)
+    quant: str | None = None
+    granularity: str = "token"
+    residual: int = 0
 
     def __post_init__(self) -> None:
         if self.max_len is not None and (
@@ -315,19 +486,32 @@ class KVCache:
         if self.policy is not None and not isinstance(self.policy, EvictionPolicy):
             raise LeanTypeError(f"KVCache: policy={describe(self.policy)}; expected an "
                                 "EvictionPolicy (StreamingLLM, SnapKV, HeavyHitters) or None")
+        self._kv_quant = KVQuant.parse("KVCache", self.quant, self.granularity, self.residual)
 
     @classmethod
-    def static(cls, max_len: int, policy: EvictionPolicy | None = None) -> KVCache:
-        """A cache whose layers preallocate ``max_len`` entries."""
-        return cls(max_len=max_len, policy=policy)
+    def static(cls, max_len: int, policy: EvictionPolicy | None = None, *,
+               quant: str | None = None, granularity: str = "token",
+               residual: int = 0) -> KVCache:
+        """A cache whose layers preallocate ``max_len`` entries (``quant``: see the class)."""
+        return cls(max_len=max_len, policy=policy, quant=quant, granularity=granularity,
+                   residual=residual)
 
     @classmethod
-    def dynamic(cls, policy: EvictionPolicy | None = None) -> KVCache:
-        """A cache whose layers grow as tokens arrive."""
-        return cls(max_len=None, policy=policy)
+    def dynamic(cls, policy: EvictionPolicy | None = None, *, quant: str | None = None,
+                granularity: str = "token", residual: int = 0) -> KVCache:
+        """A cache whose layers grow as tokens arrive (``quant``: see the class)."""
+        return cls(max_len=None, policy=policy, quant=quant, granularity=granularity,
+                   residual=residual)
+
+    @property
+    def kv_quant(self) -> KVQuant | None:
+        """The storage format of the KV buffers (None: float), for byte formulas such as
+        ``layer.cache_nbytes(n, quant=cache.kv_quant)``."""
+        return self._kv_quant
 
     @property
     def is_static(self) -> bool:
+        """Whether layers preallocate ``max_len`` entries (else buffers grow)."""
         return self.max_len is not None
 
     def layer(self, layer_idx: int) -> LayerCache:
@@ -342,7 +526,7 @@ class KVCache:
         max_len = self.max_len
         if max_len is not None and bound is not None:
             max_len = max(1, min(max_len, bound))
-        return KVBuffer(max_len=max_len)
+        return KVBuffer(max_len=max_len, quant=self._kv_quant)
 
     def write_and_attend(self, entry: LayerCache, keys: Tensor, values: Tensor | None,
                          positions: Tensor, attend: Attend, *, window: int | None = None,
@@ -380,13 +564,13 @@ class KVCache:
         new_positions = positions.expand(keys.shape[0], keys.shape[1], num_new)
         if not sliding and policy is None:
             buffer.append(keys, values, new_positions)
-            return attend(*buffer.view())
+            return attend(*buffer.view_with_new(keys, values))
 
         in_place = num_new == 1 and (buffer.max_len is None
                                      or buffer.length + 1 <= buffer.max_len)
         if in_place:
             buffer.append(keys, values, new_positions)
-            all_keys, all_values, key_positions = buffer.view()
+            all_keys, all_values, key_positions = buffer.view_with_new(keys, values)
         else:
             cached_keys, cached_values, cached_positions = buffer.view()
             if cached_keys is None or cached_keys.shape[2] == 0:

@@ -108,9 +108,10 @@ def linear_op(q: Tensor, k: Tensor, v: Tensor, entry: LayerCache | None, *,
 class _RecurrentAttention(Attention):
     """Kinds whose cache is a recurrent state: no KV bytes per token."""
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
-        """0: a fixed-size state (:meth:`state_nbytes`) instead of cached keys and values."""
-        return 0
+    def cached_kv_layout(self) -> None:
+        """None: a fixed-size state (:meth:`state_nbytes`) instead of cached keys and values,
+        so 0 KV bytes per token."""
+        return None
 
     def _repeated_qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self._qkv(x, positions)

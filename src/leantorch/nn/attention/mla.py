@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from leantorch.errors import LeanError, LeanTypeError, describe
 from leantorch.nn.attention.base import Attention, missing_hint, split_heads
-from leantorch.nn.attention.cache import kv_bytes_per_token
 from leantorch.nn.attention.rotary import RotaryEmbedding
 from leantorch.ops.attention import attention
 from leantorch.validate import positive_int
@@ -112,10 +111,10 @@ class LatentAttention(Attention):
         """``1 / sqrt(head_dim + rope_dim)``: queries and keys carry the RoPE part too."""
         return (self.head_dim + self.rope_dim) ** -0.5
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
-        """``(kv_lora_rank + rope_dim) * itemsize``: the latent and the shared RoPE key."""
-        return kv_bytes_per_token(latent_dim=self.kv_lora_rank, rope_dim=self.rope_dim,
-                                  dtype=dtype)
+    def cached_kv_layout(self) -> tuple[int, int, int | None]:
+        """One shared row ``[c, k_R]`` of ``kv_lora_rank + rope_dim`` per token, no values:
+        ``(kv_lora_rank + rope_dim) * itemsize`` bytes."""
+        return 1, self.kv_lora_rank + self.rope_dim, None
 
     def _rotate_latent(self, latent: Tensor, positions: Tensor) -> Tensor:
         """Rotate the first ``latent_rope_dim`` channels of ``latent (batch, seq, d_c)`` in blocks
