@@ -80,14 +80,7 @@ def test_an_unknown_attribute_is_an_attribute_error():
 # entry that gained a docstring (or moved) fails test_known_gaps_are_still_gaps until it is
 # removed; a new gap anywhere fails test_public_api_has_docstrings.
 OTHER_ROOMS = ("leantorch.nn.attention.cache.",)
-KNOWN_GAPS = frozenset({
-    "leantorch.nn.attention.cache.KVBuffer.capacity",
-    "leantorch.nn.attention.cache.KVBuffer.metadata_nbytes",
-    "leantorch.nn.attention.cache.KVBuffer.valid_scores",
-    "leantorch.nn.attention.cache.KVCache.is_static",
-    "leantorch.nn.attention.cache.LayerCache.nbytes",
-    "leantorch.nn.attention.cache.LayerCache.state_nbytes",
-})
+KNOWN_GAPS: frozenset[str] = frozenset()
 
 
 def _public_modules() -> list[ModuleType]:

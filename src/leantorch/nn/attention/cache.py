@@ -436,10 +436,13 @@ class LayerCache:
     kind: str | None = None
 
     def state_nbytes(self) -> int:
+        """Bytes of the recurrent state (linear / GLA / Based layers: the running sums)."""
         tensors = [self.state] if isinstance(self.state, Tensor) else list(self.state or ())
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
     def nbytes(self) -> int:
+        """Bytes this layer holds: its key/value buffer (codes and scales when quantized) plus
+        its recurrent state."""
         return (0 if self.kv is None else self.kv.nbytes()) + self.state_nbytes()
 
 
